@@ -1,0 +1,259 @@
+/**
+ * Every input of the API as a zod schema, and the validators that apply them: a body,
+ * query or path that does not match is a 400 with the one error shape, before any
+ * handler runs.
+ */
+import type { Context, Env, MiddlewareHandler, ValidationTargets } from "hono";
+import { z } from "zod";
+import { ApiError } from "./errors.ts";
+
+// ---- building blocks ----
+
+/** Ids of rooms and agents, scopes and kinds (SPEC §1). */
+export const Id = z.string().regex(/^[A-Za-z0-9._:@-]{1,128}$/, {
+  error: "must be 1-128 characters of A-Z a-z 0-9 . _ : @ -",
+});
+
+/**
+ * Any JSON value. Nesting is bounded separately (`MAX_JSON_DEPTH`) before zod sees it,
+ * because zod and JSON.stringify recurse and a deep enough value overflows the stack.
+ */
+const Json = z.json({
+  error: (issue) =>
+    issue.input === undefined
+      ? "is required"
+      : "must be a JSON value (numbers must be finite)",
+});
+
+/** A state key: any text without control characters. */
+const Key = z.string().min(1).max(512).regex(/^\P{Cc}*$/u, {
+  error: "must not contain control characters",
+});
+
+const Name = z.string().min(1).max(256);
+
+/** A non-negative integer in a query string. */
+const Count = z.string().regex(/^\d{1,15}$/, {
+  error: "must be a non-negative integer",
+})
+  .transform(Number);
+
+// ---- bodies ----
+
+export const CreateRoom = z.strictObject({
+  id: Id.optional(),
+  meta: Json.optional(),
+});
+export type CreateRoom = z.infer<typeof CreateRoom>;
+
+export const RegisterAgent = z.strictObject({
+  id: Id.optional(),
+  name: Name,
+  role: Name.optional(),
+  meta: Json.optional(),
+});
+export type RegisterAgent = z.infer<typeof RegisterAgent>;
+
+export const PostMessage = z.strictObject({
+  from: Id.nullable().optional(),
+  to: Id.nullable().optional(),
+  kind: Id.optional(),
+  body: Json,
+});
+export type PostMessage = z.infer<typeof PostMessage>;
+
+export const PutState = z.strictObject({
+  scope: Id.optional(),
+  key: Key,
+  value: Json,
+});
+export type PutState = z.infer<typeof PutState>;
+
+export const DeleteState = z.strictObject({ scope: Id.optional(), key: Key });
+export type DeleteState = z.infer<typeof DeleteState>;
+
+// ---- query strings and paths ----
+
+export const ListMessages = z.strictObject({
+  after: Count.optional(),
+  kind: Id.optional(),
+  limit: Count.pipe(z.number().min(1).max(1000)).optional(),
+});
+export type ListMessages = z.infer<typeof ListMessages>;
+
+export const GetState = z.strictObject({
+  scope: Id.optional(),
+  key: Key.optional(),
+});
+export type GetState = z.infer<typeof GetState>;
+
+export const RoomPath = z.strictObject({ id: Id });
+
+export const ViewerQuery = z.strictObject({ room: Id.optional() });
+
+// ---- validators ----
+
+/** How deep a JSON body may nest. */
+export const MAX_JSON_DEPTH = 64;
+
+type Validated<Target extends keyof ValidationTargets, T extends z.ZodType> = {
+  in: { [K in Target]: z.input<T> };
+  out: { [K in Target]: z.output<T> };
+};
+
+/**
+ * A middleware that reads one part of the request, parses it with `schema` and hands
+ * the result to `c.req.valid(target)`; on a mismatch it throws 400 `invalid_request`.
+ */
+function validate<
+  Target extends keyof ValidationTargets,
+  T extends z.ZodType,
+  E extends Env,
+  P extends string,
+>(
+  target: Target,
+  schema: T,
+  read: (c: Context<E, P>) => unknown,
+): MiddlewareHandler<E, P, Validated<Target, T>> {
+  const where = target === "json"
+    ? "request body"
+    : target === "param"
+    ? "path"
+    : "query";
+  return async (c, next) => {
+    const data = parse(
+      schema,
+      await read(c),
+      where,
+    ) as ValidationTargets[Target];
+    c.req.addValidatedData(target, data);
+    await next();
+  };
+}
+
+/**
+ * Validates the JSON body. Hono's own json validator skips bodies sent without a JSON
+ * content type (curl -d sends a form type), and agents forget the header, so the body
+ * is read as JSON whatever its type; an empty body counts as `{}`.
+ */
+export function body<
+  T extends z.ZodType,
+  E extends Env = Env,
+  P extends string = string,
+>(
+  schema: T,
+): MiddlewareHandler<E, P, Validated<"json", T>> {
+  return validate("json", schema, async (c) => {
+    const text = await c.req.text();
+    if (text.trim() === "") return {};
+    let value: unknown;
+    try {
+      value = JSON.parse(text);
+    } catch {
+      throw new ApiError(
+        400,
+        "invalid_json",
+        "The request body is not valid JSON",
+      );
+    }
+    if (depth(value) > MAX_JSON_DEPTH) {
+      throw new ApiError(
+        400,
+        "invalid_request",
+        `Invalid request body: JSON nests deeper than ${MAX_JSON_DEPTH} levels`,
+      );
+    }
+    return value;
+  });
+}
+
+/** Validates the query string; a repeated parameter arrives as an array and fails. */
+export function query<
+  T extends z.ZodType,
+  E extends Env = Env,
+  P extends string = string,
+>(
+  schema: T,
+): MiddlewareHandler<E, P, Validated<"query", T>> {
+  return validate("query", schema, (c) =>
+    Object.fromEntries(
+      Object.entries(c.req.queries()).map((
+        [k, v],
+      ) => [k, v.length === 1 ? v[0] : v]),
+    ));
+}
+
+/** Validates the path parameters. */
+export function path<
+  T extends z.ZodType,
+  E extends Env = Env,
+  P extends string = string,
+>(
+  schema: T,
+): MiddlewareHandler<E, P, Validated<"param", T>> {
+  return validate("param", schema, (c) => c.req.param());
+}
+
+/** Parses with a schema or throws 400 `invalid_request` naming the first bad field. */
+export function parse<T extends z.ZodType>(
+  schema: T,
+  value: unknown,
+  where: string,
+): z.output<T> {
+  const result = schema.safeParse(value);
+  if (result.success) return result.data;
+  // An unknown field first: it is usually a misspelling of the field reported missing.
+  const issues = result.error.issues
+    .toSorted((a, b) =>
+      Number(b.code === "unrecognized_keys") -
+      Number(a.code === "unrecognized_keys")
+    )
+    .map((issue) => describe(issue, where));
+  throw new ApiError(
+    400,
+    "invalid_request",
+    `Invalid ${where}: ${issues[0].message}`,
+    {
+      field: issues[0].field,
+      issues,
+    },
+  );
+}
+
+function describe(
+  issue: z.core.$ZodIssue,
+  where: string,
+): { field: string; message: string } {
+  const noun = where === "query" ? "parameter" : "field";
+  if (issue.code === "unrecognized_keys") {
+    const field = [...issue.path, issue.keys[0]].join(".");
+    return { field, message: `unknown ${noun} "${field}"` };
+  }
+  const field = issue.path.join(".");
+  // zod says "Invalid input: expected string, received undefined" for a missing field.
+  const text = issue.code === "invalid_type" &&
+      issue.message.endsWith("received undefined")
+    ? "is required"
+    : issue.message.replace(/^Invalid input: /, "");
+  const predicate = /^(is|must) /.test(text)
+    ? ` ${text}`
+    : `: ${text.toLowerCase()}`;
+  return {
+    field,
+    message: field === "" ? text : `${noun} "${field}"${predicate}`,
+  };
+}
+
+/** The nesting depth of a JSON value, computed without recursion. */
+function depth(value: unknown): number {
+  let deepest = 0;
+  const stack: [unknown, number][] = [[value, 1]];
+  while (stack.length > 0) {
+    const [item, level] = stack.pop()!;
+    if (item === null || typeof item !== "object") continue;
+    deepest = Math.max(deepest, level);
+    if (deepest > MAX_JSON_DEPTH) return deepest;
+    for (const child of Object.values(item)) stack.push([child, level + 1]);
+  }
+  return deepest;
+}

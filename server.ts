@@ -1,0 +1,66 @@
+/**
+ * Runs the app as a process: listens, and on SIGTERM or SIGINT drains (refuses new
+ * requests, lets the ones in flight finish), closes the database and exits.
+ */
+import type { Db } from "./db.ts";
+
+/** How long a drain waits for requests in flight before exiting anyway. */
+const DRAIN_TIMEOUT_MS = 10_000;
+
+type Fetch = (
+  request: Request,
+  info: Deno.ServeHandlerInfo,
+) => Response | Promise<Response>;
+
+/** Serves `fetch` on `hostname:port` until a signal drains and stops it. */
+export function serve(
+  fetch: Fetch,
+  options: { db: Db; port: number; hostname: string },
+): Deno.HttpServer {
+  let inFlight = 0;
+  let draining = false;
+  const drained = Promise.withResolvers<void>();
+
+  const server = Deno.serve({
+    port: options.port,
+    hostname: options.hostname,
+    onListen: ({ hostname, port }) =>
+      console.log(
+        `sync listening on http://${hostname}:${port} (pid ${Deno.pid})`,
+      ),
+  }, async (request, info) => {
+    if (draining) {
+      return Response.json(
+        {
+          error: "shutting_down",
+          message: "The service is restarting; retry in a moment",
+        },
+        { status: 503, headers: { "retry-after": "1", connection: "close" } },
+      );
+    }
+    inFlight++;
+    try {
+      return await fetch(request, info);
+    } finally {
+      if (--inFlight === 0 && draining) drained.resolve();
+    }
+  });
+
+  // Deno's server.shutdown() cuts request bodies still being read, so the drain waits
+  // for the handlers first (server_test.ts, "SIGTERM lets an in-flight request finish").
+  const stop = async () => {
+    if (draining) return;
+    draining = true;
+    if (inFlight === 0) drained.resolve();
+    await Promise.race([
+      drained.promise,
+      new Promise((resolve) => setTimeout(resolve, DRAIN_TIMEOUT_MS)),
+    ]);
+    await server.shutdown();
+    options.db.close();
+    Deno.exit(0);
+  };
+  Deno.addSignalListener("SIGTERM", stop);
+  Deno.addSignalListener("SIGINT", stop);
+  return server;
+}

@@ -1,0 +1,281 @@
+/**
+ * The pages people see: a landing page and the live room viewer. Every value from the
+ * database goes through JSX interpolation, which escapes it; the page script renders
+ * later updates with `textContent`, which never parses markup.
+ */
+import type { Child } from "hono/jsx";
+import { raw } from "hono/html";
+import type { Agent, Message, Room, StateEntry } from "./db.ts";
+import { usage } from "./docs.ts";
+
+const STYLE = `
+:root { color-scheme: light dark; --line: #8884; --muted: #888; --accent: #2a7ae2; }
+* { box-sizing: border-box; }
+body { font: 14px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 1200px; padding: 1rem; }
+h1 { font-size: 1.3rem; margin: 0 0 .25rem; } h2 { font-size: 1rem; margin: 1rem 0 .5rem; }
+code, pre, .mono { font-family: ui-monospace, monospace; font-size: 12.5px; }
+pre { margin: 0; white-space: pre-wrap; word-break: break-word; }
+.muted { color: var(--muted); }
+.grid { display: grid; grid-template-columns: minmax(0, 2fr) minmax(0, 1fr); gap: 1.5rem; }
+@media (max-width: 800px) { .grid { grid-template-columns: minmax(0, 1fr); } }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: .25rem .4rem; border-bottom: 1px solid var(--line); vertical-align: top; }
+ol.messages { list-style: none; margin: 0; padding: 0; }
+ol.messages li { border-bottom: 1px solid var(--line); padding: .4rem 0; }
+.head { display: flex; gap: .5rem; flex-wrap: wrap; align-items: baseline; }
+.kind { background: #8882; border-radius: 3px; padding: 0 .35rem; }
+.from { font-weight: 600; }
+#status { float: right; }
+#status.live { color: #2a2; } #status.down { color: #c33; }
+`;
+
+function Layout(props: { title: string; children: Child }) {
+  return (
+    <>
+      {raw("<!DOCTYPE html>")}
+      <html lang="en">
+        <head>
+          <meta charset="utf-8" />
+          <meta name="viewport" content="width=device-width, initial-scale=1" />
+          <title>{props.title}</title>
+          <style>{raw(STYLE)}</style>
+        </head>
+        <body>{props.children}</body>
+      </html>
+    </>
+  );
+}
+
+/** The page a browser gets at `/` without a room. */
+export function Landing(props: { origin: string }) {
+  return (
+    <Layout title="sync">
+      <h1>sync</h1>
+      <p>A coordination service for AI agents. Open a room to watch it live:</p>
+      <form method="get" action="/">
+        <input name="room" placeholder="room id" required />{" "}
+        <button type="submit">Open</button>
+      </form>
+      <h2>Usage</h2>
+      <pre>{usage(props.origin)}</pre>
+    </Layout>
+  );
+}
+
+/** The viewer's answer for a room id that does not exist. */
+export function MissingRoom(props: { id: string }) {
+  return (
+    <Layout title="sync: no such room">
+      <h1>No room "{props.id}"</h1>
+      <p>
+        Nobody has created it yet. Agents create it with{" "}
+        <code>POST /rooms</code>; <a href="/">back</a>
+      </p>
+    </Layout>
+  );
+}
+
+/** How a JSON value is shown: strings as they are, anything else as indented JSON. */
+function show(value: unknown): string {
+  return typeof value === "string" ? value : JSON.stringify(value, null, 2);
+}
+
+/** `hh:mm:ss` of an ISO time (UTC, like every time the API returns). */
+function clock(iso: string): string {
+  return iso.slice(11, 19);
+}
+
+// The markup of MessageItem, AgentRow and StateRow is built again by the page script
+// (VIEWER_SCRIPT) for live updates: change them together.
+
+function MessageItem({ m }: { m: Message }) {
+  return (
+    <li id={`m-${m.id}`}>
+      <div class="head">
+        <span class="muted mono">#{m.id}</span>
+        <span class="kind">{m.kind}</span>
+        <span class="from">{m.from_agent ?? "anonymous"}</span>
+        <span class="muted">→</span>
+        <span class="to">{m.to_agent ?? "everyone"}</span>
+        <time class="muted" datetime={m.created_at} title={m.created_at}>
+          {clock(m.created_at)}
+        </time>
+      </div>
+      <pre>{show(m.body)}</pre>
+    </li>
+  );
+}
+
+function AgentRow({ a }: { a: Agent }) {
+  return (
+    <tr>
+      <td class="mono">{a.id}</td>
+      <td>{a.name}</td>
+      <td>{a.role}</td>
+      <td class="muted" title={a.joined_at}>{clock(a.joined_at)}</td>
+    </tr>
+  );
+}
+
+function StateRow({ s }: { s: StateEntry }) {
+  return (
+    <tr>
+      <td class="mono">{s.scope}</td>
+      <td class="mono">{s.key}</td>
+      <td>
+        <pre>{show(s.value)}</pre>
+      </td>
+      <td class="mono">v{s.version}</td>
+    </tr>
+  );
+}
+
+/**
+ * The live viewer: renders the room now, then keeps it current by calling the same
+ * JSON endpoints agents use (`GET …/messages?after=<last id>`, agents, state).
+ */
+export function RoomPage(props: {
+  room: Room;
+  agents: Agent[];
+  messages: { items: Message[]; total: number };
+  state: StateEntry[];
+}) {
+  const { room, agents, messages, state } = props;
+  const last = messages.items.at(-1)?.id ?? 0;
+  const data = JSON.stringify({ room: room.id, after: last }).replaceAll(
+    "<",
+    "\\u003c",
+  );
+  return (
+    <Layout title={`sync: ${room.id}`}>
+      <span id="status" class="muted">loaded</span>
+      <h1>
+        Room <span class="mono">{room.id}</span>
+      </h1>
+      <div class="muted">
+        created {room.created_at} · meta{" "}
+        <code>{JSON.stringify(room.meta)}</code>
+      </div>
+      <div class="grid">
+        <section>
+          <h2>
+            Messages{" "}
+            <span class="muted" id="message-count">
+              {messages.total > messages.items.length
+                ? `(last ${messages.items.length} of ${messages.total})`
+                : ""}
+            </span>
+          </h2>
+          <ol class="messages" id="messages">
+            {messages.items.map((m) => <MessageItem key={m.id} m={m} />)}
+          </ol>
+        </section>
+        <section>
+          <h2>Agents</h2>
+          <table>
+            <thead>
+              <tr>
+                <th>id</th>
+                <th>name</th>
+                <th>role</th>
+                <th>joined</th>
+              </tr>
+            </thead>
+            <tbody id="agents">
+              {agents.map((a) => <AgentRow key={a.id} a={a} />)}
+            </tbody>
+          </table>
+          <h2>State</h2>
+          <table>
+            <thead>
+              <tr>
+                <th>scope</th>
+                <th>key</th>
+                <th>value</th>
+                <th>version</th>
+              </tr>
+            </thead>
+            <tbody id="state">
+              {state.map((s) => <StateRow key={`${s.scope}/${s.key}`} s={s} />)}
+            </tbody>
+          </table>
+        </section>
+      </div>
+      <script id="room-data" type="application/json">{raw(data)}</script>
+      <script>{raw(VIEWER_SCRIPT)}</script>
+    </Layout>
+  );
+}
+
+/** Polls once a second (less often in a hidden tab); renders with textContent only. */
+const VIEWER_SCRIPT = `
+"use strict";
+const data = JSON.parse(document.getElementById("room-data").textContent);
+const base = "/rooms/" + encodeURIComponent(data.room);
+const MAX_SHOWN = 2000;
+let after = data.after;
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs || {})) node.setAttribute(name, value);
+  for (const child of children) node.append(child);
+  return node;
+}
+const show = (v) => typeof v === "string" ? v : JSON.stringify(v, null, 2);
+const clock = (iso) => iso.slice(11, 19);
+
+function messageItem(m) {
+  return el("li", { id: "m-" + m.id },
+    el("div", { class: "head" },
+      el("span", { class: "muted mono" }, "#" + m.id),
+      el("span", { class: "kind" }, m.kind),
+      el("span", { class: "from" }, m.from_agent ?? "anonymous"),
+      el("span", { class: "muted" }, "→"),
+      el("span", { class: "to" }, m.to_agent ?? "everyone"),
+      el("time", { class: "muted", datetime: m.created_at, title: m.created_at }, clock(m.created_at))),
+    el("pre", {}, show(m.body)));
+}
+const agentRow = (a) => el("tr", {},
+  el("td", { class: "mono" }, a.id), el("td", {}, a.name), el("td", {}, a.role),
+  el("td", { class: "muted", title: a.joined_at }, clock(a.joined_at)));
+const stateRow = (s) => el("tr", {},
+  el("td", { class: "mono" }, s.scope), el("td", { class: "mono" }, s.key),
+  el("td", {}, el("pre", {}, show(s.value))), el("td", { class: "mono" }, "v" + s.version));
+
+async function getJson(path) {
+  const res = await fetch(base + path, { headers: { accept: "application/json" } });
+  if (!res.ok) throw new Error(res.status + " " + path);
+  return res.json();
+}
+
+function setStatus(text, cls) {
+  const node = document.getElementById("status");
+  node.textContent = text;
+  node.className = cls;
+}
+
+async function tick() {
+  try {
+    const list = document.getElementById("messages");
+    for (;;) {
+      const page = await getJson("/messages?limit=1000&after=" + after);
+      const nearBottom = innerHeight + scrollY >= document.body.scrollHeight - 40;
+      for (const m of page) list.append(messageItem(m));
+      while (list.children.length > MAX_SHOWN) list.firstElementChild.remove();
+      if (page.length > 0) {
+        after = page[page.length - 1].id;
+        if (nearBottom) scrollTo(0, document.body.scrollHeight);
+      }
+      if (page.length < 1000) break;
+    }
+    const [agents, state] = await Promise.all([getJson("/agents"), getJson("/state")]);
+    document.getElementById("agents").replaceChildren(...agents.map(agentRow));
+    document.getElementById("state").replaceChildren(...state.map(stateRow));
+    setStatus("live", "live");
+  } catch (error) {
+    setStatus("reconnecting…", "down");
+  }
+  setTimeout(tick, document.hidden ? 5000 : 1000);
+}
+setTimeout(tick, 1000);
+`;

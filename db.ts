@@ -269,7 +269,7 @@ export async function getRoom(db: Db, id: string): Promise<Room | null> {
 export async function listRooms(db: Db): Promise<Room[]> {
   const rows = await all(
     db,
-    `SELECT ${ROOM_COLUMNS} FROM rooms ORDER BY created_at, id`,
+    `SELECT ${ROOM_COLUMNS} FROM rooms ORDER BY created_at, rowid`,
   );
   return rows.map(toRoom);
 }
@@ -322,7 +322,7 @@ export async function getAgent(
 export async function listAgents(db: Db, roomId: string): Promise<Agent[]> {
   const rows = await all(db, {
     sql:
-      `SELECT ${AGENT_COLUMNS} FROM agents WHERE room_id = ? ORDER BY joined_at, id`,
+      `SELECT ${AGENT_COLUMNS} FROM agents WHERE room_id = ? ORDER BY joined_at, rowid`,
     args: [roomId],
   });
   return rows.map(toAgent);

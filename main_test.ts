@@ -4,6 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { hc } from "hono/client";
+import type { InArgs, InStatement } from "@libsql/client";
 import { Db, schemaVersion } from "./db.ts";
 import { type AppType, createApp } from "./main.ts";
 
@@ -1369,5 +1370,44 @@ test("the WAL stays a few MB under sustained writes", async () => {
   } finally {
     db.close();
     await Deno.remove(dir, { recursive: true });
+  }
+});
+
+test("every query the API makes is served by an index, with no sort step", async ({ call, db }) => {
+  const client = await db.client();
+  const seen = new Map<string, { sql: string; args?: InArgs }>();
+  const execute = client.execute.bind(client);
+  // Records each distinct statement the handlers run.
+  client.execute = ((stmt: InStatement) => {
+    const { sql, args } = typeof stmt === "string"
+      ? { sql: stmt, args: [] }
+      : stmt;
+    seen.set(sql, { sql, args });
+    return execute(stmt);
+  }) as typeof client.execute;
+  await seedRoom(call);
+  await call("POST", "/rooms", { id: "r" });
+  await call("GET", "/rooms");
+  await call("GET", "/rooms/r");
+  await call("POST", "/rooms/r/agents", { id: "a", name: "again" });
+  await call("GET", "/rooms/r/messages?after=0&limit=5");
+  await call("GET", "/rooms/r/messages?kind=task");
+  await call("GET", "/rooms/r/state?key=k");
+  await call("GET", "/rooms/r/state?scope=_shared");
+  await call("DELETE", "/rooms/r/state", { key: "k" });
+  await call("GET", "/?room=r");
+  client.execute = execute;
+  assert.ok(seen.size >= 14, `saw ${seen.size} statements`);
+  for (const stmt of seen.values()) {
+    const plan = await client.execute({
+      sql: `EXPLAIN QUERY PLAN ${stmt.sql}`,
+      args: stmt.args,
+    });
+    const steps = plan.rows.map((row) => String(row.detail));
+    for (const step of steps) {
+      assert.ok(!step.includes("TEMP B-TREE"), `${stmt.sql}: ${step}`);
+      // A full scan is right only for listing every room, and it walks an index.
+      assert.ok(!/^SCAN \w+$/.test(step), `${stmt.sql}: ${step}`);
+    }
   }
 });

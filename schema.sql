@@ -13,7 +13,9 @@ CREATE TABLE IF NOT EXISTS rooms (
   meta TEXT NOT NULL
 ) STRICT;
 
-CREATE INDEX IF NOT EXISTS rooms_by_created ON rooms (created_at, id);
+-- Lists order by (created_at, rowid): the rowid, implicit in every index, breaks
+-- ties within a millisecond in insertion order.
+CREATE INDEX IF NOT EXISTS rooms_by_created ON rooms (created_at);
 
 -- Agent ids are unique within a room, not across rooms.
 CREATE TABLE IF NOT EXISTS agents (
@@ -26,7 +28,7 @@ CREATE TABLE IF NOT EXISTS agents (
   PRIMARY KEY (room_id, id)
 ) STRICT;
 
-CREATE INDEX IF NOT EXISTS agents_by_joined ON agents (room_id, joined_at, id);
+CREATE INDEX IF NOT EXISTS agents_by_joined ON agents (room_id, joined_at);
 
 -- AUTOINCREMENT: ids only grow and are never reused, even after deletes.
 CREATE TABLE IF NOT EXISTS messages (

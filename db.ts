@@ -6,8 +6,12 @@ import {
   type Client,
   createClient,
   type InStatement,
+  type InValue,
+  LibsqlBatchError,
   type Row,
 } from "@libsql/client";
+
+import { Notifier } from "./notify.ts";
 
 /** How to reach the database; `url` is `file:…`, `:memory:`, `libsql://…` or `https://…`. */
 export type DbOptions = {
@@ -18,6 +22,11 @@ export type DbOptions = {
 };
 
 export type Room = { id: string; created_at: string; meta: unknown };
+
+/** What an agent says it is doing; `waiting` is set by the server during a wait. */
+export const STATUSES = ["active", "idle", "busy", "waiting", "done"] as const;
+export type Status = typeof STATUSES[number];
+
 export type Agent = {
   id: string;
   room_id: string;
@@ -25,6 +34,10 @@ export type Agent = {
   role: string;
   joined_at: string;
   meta: unknown;
+  status: Status;
+  last_seen: string;
+  /** Milliseconds since `last_seen`, computed when read. */
+  idle_ms: number;
 };
 export type Message = {
   id: number;
@@ -34,6 +47,10 @@ export type Message = {
   kind: string;
   body: unknown;
   created_at: string;
+  reply_to: number | null;
+  claimed_by: string | null;
+  claimed_at: string | null;
+  lease_expires_at: string | null;
 };
 export type StateEntry = {
   room_id: string;
@@ -42,6 +59,7 @@ export type StateEntry = {
   value: unknown;
   version: number;
   updated_at: string;
+  expires_at: string | null;
 };
 
 /**
@@ -60,11 +78,14 @@ const BUSY_TIMEOUT_MS = 5000;
  */
 export class Db {
   readonly options: DbOptions;
+  /** Wakes long-polls and streams after each write (see notify.ts). */
+  readonly notifier: Notifier;
   #ready?: Promise<Client>;
   #client?: Client;
 
   constructor(options: DbOptions) {
     this.options = options;
+    this.notifier = new Notifier((rooms) => roomRevs(this, rooms));
   }
 
   /** The client, once the schema has been applied; every query awaits this. */
@@ -79,6 +100,7 @@ export class Db {
 
   /** Closes the client; later queries open it again. */
   close(): void {
+    this.notifier.stop();
     this.#client?.close();
     this.#client = undefined;
     this.#ready = undefined;
@@ -124,13 +146,19 @@ const SCHEMA_URL = new URL("./schema.sql", import.meta.url);
 
 /** Splits `schema.sql` into statements (it has no triggers, so `;` ends each one). */
 function statements(sql: string): string[] {
-  return sql
-    .split("\n")
-    .filter((line) => !line.trimStart().startsWith("--"))
-    .join("\n")
-    .split(/;\s*(?:\n|$)/)
-    .map((s) => s.trim())
-    .filter((s) => s !== "");
+  const out: string[] = [];
+  let current = "";
+  for (const line of sql.split("\n")) {
+    if (line.trimStart().startsWith("--") || line.trim() === "") continue;
+    current += line + "\n";
+    // A trigger's body holds statements of its own: it ends at "END;".
+    const inTrigger = /^CREATE TRIGGER/i.test(current);
+    if (inTrigger ? /^END;\s*$/.test(line) : line.trimEnd().endsWith(";")) {
+      out.push(current.trim().replace(/;$/, ""));
+      current = "";
+    }
+  }
+  return out;
 }
 
 /**
@@ -185,6 +213,14 @@ function iso(ms: Row[string]): string {
   return new Date(Number(ms)).toISOString();
 }
 
+function isoOrNull(ms: Row[string]): string | null {
+  return ms === null ? null : iso(ms);
+}
+
+function textOrNull(value: Row[string]): string | null {
+  return value === null ? null : String(value);
+}
+
 function json(text: Row[string]): unknown {
   return JSON.parse(String(text));
 }
@@ -197,7 +233,7 @@ function toRoom(row: Row): Room {
   };
 }
 
-function toAgent(row: Row): Agent {
+function toAgent(row: Row, now = Date.now()): Agent {
   return {
     id: String(row.id),
     room_id: String(row.room_id),
@@ -205,18 +241,30 @@ function toAgent(row: Row): Agent {
     role: String(row.role),
     joined_at: iso(row.joined_at),
     meta: json(row.meta),
+    status: String(row.status) as Status,
+    last_seen: iso(row.last_seen),
+    idle_ms: Math.max(0, now - Number(row.last_seen)),
   };
 }
 
-function toMessage(row: Row): Message {
+/** A claim whose lease has run out reads as no claim. */
+function toMessage(row: Row, now = Date.now()): Message {
+  const lease = row.lease_expires_at === null
+    ? null
+    : Number(row.lease_expires_at);
+  const held = row.claimed_by !== null && (lease === null || lease > now);
   return {
     id: Number(row.id),
     room_id: String(row.room_id),
-    from_agent: row.from_agent === null ? null : String(row.from_agent),
-    to_agent: row.to_agent === null ? null : String(row.to_agent),
+    from_agent: textOrNull(row.from_agent),
+    to_agent: textOrNull(row.to_agent),
     kind: String(row.kind),
     body: json(row.body),
     created_at: iso(row.created_at),
+    reply_to: row.reply_to === null ? null : Number(row.reply_to),
+    claimed_by: held ? String(row.claimed_by) : null,
+    claimed_at: held ? isoOrNull(row.claimed_at) : null,
+    lease_expires_at: held ? isoOrNull(row.lease_expires_at) : null,
   };
 }
 
@@ -228,6 +276,7 @@ function toStateEntry(row: Row): StateEntry {
     value: json(row.value),
     version: Number(row.version),
     updated_at: iso(row.updated_at),
+    expires_at: isoOrNull(row.expires_at),
   };
 }
 
@@ -271,12 +320,38 @@ export async function listRooms(db: Db): Promise<Room[]> {
     db,
     `SELECT ${ROOM_COLUMNS} FROM rooms ORDER BY created_at, rowid`,
   );
-  return rows.map(toRoom);
+  return rows.map((row) => toRoom(row));
+}
+
+/** The change counter of each room named (rooms that do not exist are left out). */
+export async function roomRevs(
+  db: Db,
+  ids: string[],
+): Promise<Map<string, number>> {
+  const revs = new Map<string, number>();
+  // SQLite allows 32,766 parameters; stay far below it.
+  for (let i = 0; i < ids.length; i += 500) {
+    const chunk = ids.slice(i, i + 500);
+    const rows = await all(db, {
+      sql: `SELECT id, rev FROM rooms WHERE id IN (${
+        chunk.map(() => "?").join(", ")
+      })`,
+      args: chunk,
+    });
+    for (const row of rows) revs.set(String(row.id), Number(row.rev));
+  }
+  return revs;
+}
+
+/** The change counter of one room (0 when it does not exist). */
+export async function roomRev(db: Db, id: string): Promise<number> {
+  return (await roomRevs(db, [id])).get(id) ?? 0;
 }
 
 // ---- agents ----
 
-const AGENT_COLUMNS = "id, room_id, name, role, joined_at, meta";
+const AGENT_COLUMNS =
+  "id, room_id, name, role, joined_at, meta, status, last_seen";
 
 /** Registers an agent; null when the id is taken in that room. */
 export async function insertAgent(
@@ -289,20 +364,26 @@ export async function insertAgent(
     meta: unknown;
   },
 ): Promise<Agent | null> {
+  const now = Date.now();
   const [row] = await all(db, {
     sql:
-      `INSERT INTO agents (id, room_id, name, role, joined_at, meta) VALUES (?, ?, ?, ?, ?, ?)
+      `INSERT INTO agents (id, room_id, name, role, joined_at, meta, status, last_seen)
+          VALUES (?, ?, ?, ?, ?, ?, 'active', ?)
           ON CONFLICT (room_id, id) DO NOTHING RETURNING ${AGENT_COLUMNS}`,
     args: [
       agent.id,
       agent.room_id,
       agent.name,
       agent.role,
-      Date.now(),
+      now,
       JSON.stringify(agent.meta),
+      now,
     ],
   });
-  return row ? toAgent(row) : null;
+  if (!row) return null;
+  const registered = toAgent(row, now);
+  db.notifier.publish(agent.room_id, { type: "agent", agent: registered });
+  return registered;
 }
 
 /** One agent of a room, or null. */
@@ -325,62 +406,171 @@ export async function listAgents(db: Db, roomId: string): Promise<Agent[]> {
       `SELECT ${AGENT_COLUMNS} FROM agents WHERE room_id = ? ORDER BY joined_at, rowid`,
     args: [roomId],
   });
-  return rows.map(toAgent);
+  const now = Date.now();
+  return rows.map((row) => toAgent(row, now));
+}
+
+/** Marks an agent as seen now, with a new status if one is given; null if unknown. */
+export async function touchAgent(
+  db: Db,
+  roomId: string,
+  id: string,
+  status?: Status,
+): Promise<Agent | null> {
+  const now = Date.now();
+  const [row] = await all(db, {
+    sql: `UPDATE agents SET last_seen = ?, status = coalesce(?, status)
+          WHERE room_id = ? AND id = ? RETURNING ${AGENT_COLUMNS}`,
+    args: [now, status ?? null, roomId, id],
+  });
+  if (!row) return null;
+  const agent = toAgent(row, now);
+  db.notifier.publish(roomId, { type: "agent", agent });
+  return agent;
 }
 
 // ---- messages ----
 
 const MESSAGE_COLUMNS =
-  "id, room_id, from_agent, to_agent, kind, body, created_at";
+  "id, room_id, from_agent, to_agent, kind, body, created_at, " +
+  "reply_to, claimed_by, claimed_at, lease_expires_at";
 
-/** Appends a message; SQLite assigns the id. */
-export async function insertMessage(
-  db: Db,
-  message: {
-    room_id: string;
-    from_agent: string | null;
-    to_agent: string | null;
-    kind: string;
-    body: unknown;
-  },
-): Promise<Message> {
-  const [row] = await all(db, {
+/** A message to append; `reply_to` must name a message of the same room. */
+export type NewMessage = {
+  from_agent: string | null;
+  to_agent: string | null;
+  kind: string;
+  body: unknown;
+  reply_to: number | null;
+};
+
+/** Inserts the message only if what it replies to exists in the room (else no row). */
+function insertMessageStatement(
+  roomId: string,
+  m: NewMessage,
+  now: number,
+): InStatement {
+  return {
     sql:
-      `INSERT INTO messages (room_id, from_agent, to_agent, kind, body, created_at)
-          VALUES (?, ?, ?, ?, ?, ?) RETURNING ${MESSAGE_COLUMNS}`,
+      `INSERT INTO messages (room_id, from_agent, to_agent, kind, body, created_at, reply_to)
+          SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7
+          WHERE ?7 IS NULL OR EXISTS (SELECT 1 FROM messages WHERE id = ?7 AND room_id = ?1)
+          RETURNING ${MESSAGE_COLUMNS}`,
     args: [
-      message.room_id,
-      message.from_agent,
-      message.to_agent,
-      message.kind,
-      JSON.stringify(message.body),
-      Date.now(),
+      roomId,
+      m.from_agent,
+      m.to_agent,
+      m.kind,
+      JSON.stringify(m.body),
+      now,
+      m.reply_to,
     ],
-  });
-  return toMessage(row);
+  };
 }
 
-/** Messages of a room with an id above `after`, ascending, optionally of one kind. */
+/**
+ * Appends a message; SQLite assigns the id. Null when `reply_to` names no message of
+ * the room. With an idempotency key, the key is taken in the same transaction (see
+ * `takeIdempotencyKey`).
+ */
+export async function insertMessage(
+  db: Db,
+  roomId: string,
+  message: NewMessage,
+  idempotencyKey?: string,
+): Promise<Message | null> {
+  const now = Date.now();
+  const insert = insertMessageStatement(roomId, message, now);
+  const client = await db.client();
+  const rows = idempotencyKey === undefined
+    ? (await client.execute(insert)).rows
+    : (await client.batch([
+      ...takeKeyStatements(roomId, idempotencyKey, now),
+      insert,
+    ], "write"))
+      .at(-1)!.rows;
+  if (rows.length === 0) return null;
+  const inserted = toMessage(rows[0], now);
+  db.notifier.publish(roomId, { type: "message", message: inserted });
+  return inserted;
+}
+
+/** One message of a room, or null. */
+export async function getMessage(
+  db: Db,
+  roomId: string,
+  id: number,
+): Promise<Message | null> {
+  const [row] = await all(db, {
+    sql: `SELECT ${MESSAGE_COLUMNS} FROM messages WHERE room_id = ? AND id = ?`,
+    args: [roomId, id],
+  });
+  return row ? toMessage(row) : null;
+}
+
+/** Which messages to read; every field narrows the list. */
+export type MessageFilter = {
+  after?: number;
+  before?: number;
+  limit: number;
+  order: "asc" | "desc";
+  kinds?: string[];
+  from?: string;
+  to?: string;
+  /** Addressed to this agent or to nobody. */
+  for?: string;
+  /** This message and every reply below it. */
+  thread?: number;
+  /** true: free to claim; false: held by a claim. */
+  unclaimed?: boolean;
+};
+
+/** Messages of a room matching the filter, by id in the order asked. */
 export async function listMessages(
   db: Db,
   roomId: string,
-  filter: { after: number; limit: number; kind?: string },
+  filter: MessageFilter,
 ): Promise<Message[]> {
-  const rows = await all(
-    db,
-    filter.kind === undefined
-      ? {
-        sql: `SELECT ${MESSAGE_COLUMNS} FROM messages
-              WHERE room_id = ? AND id > ? ORDER BY id LIMIT ?`,
-        args: [roomId, filter.after, filter.limit],
-      }
-      : {
-        sql: `SELECT ${MESSAGE_COLUMNS} FROM messages
-              WHERE room_id = ? AND kind = ? AND id > ? ORDER BY id LIMIT ?`,
-        args: [roomId, filter.kind, filter.after, filter.limit],
-      },
-  );
-  return rows.map(toMessage);
+  const now = Date.now();
+  const where = ["room_id = ?"];
+  const args: InValue[] = [roomId];
+  if (filter.after !== undefined) where.push("id > ?"), args.push(filter.after);
+  if (filter.before !== undefined) {
+    where.push("id < ?"), args.push(filter.before);
+  }
+  if (filter.kinds !== undefined) {
+    where.push(`kind IN (${filter.kinds.map(() => "?").join(", ")})`);
+    args.push(...filter.kinds);
+  }
+  if (filter.from !== undefined) {
+    where.push("from_agent = ?"), args.push(filter.from);
+  }
+  if (filter.to !== undefined) where.push("to_agent = ?"), args.push(filter.to);
+  if (filter.for !== undefined) {
+    where.push("(to_agent = ? OR to_agent IS NULL)");
+    args.push(filter.for);
+  }
+  if (filter.thread !== undefined) {
+    where.push(`id IN (WITH RECURSIVE t(id) AS (
+        VALUES (?) UNION SELECT m.id FROM messages AS m JOIN t ON m.reply_to = t.id
+      ) SELECT id FROM t)`);
+    args.push(filter.thread);
+  }
+  if (filter.unclaimed === true) {
+    where.push("(claimed_by IS NULL OR lease_expires_at <= ?)");
+    args.push(now);
+  } else if (filter.unclaimed === false) {
+    where.push(
+      "(claimed_by IS NOT NULL AND (lease_expires_at IS NULL OR lease_expires_at > ?))",
+    );
+    args.push(now);
+  }
+  const rows = await all(db, {
+    sql: `SELECT ${MESSAGE_COLUMNS} FROM messages WHERE ${where.join(" AND ")}
+          ORDER BY id ${filter.order === "desc" ? "DESC" : "ASC"} LIMIT ?`,
+    args: [...args, filter.limit],
+  });
+  return rows.map((row) => toMessage(row, now));
 }
 
 /** The newest `limit` messages of a room, ascending, and how many it holds in all. */
@@ -389,47 +579,88 @@ export async function recentMessages(
   roomId: string,
   limit: number,
 ): Promise<{ items: Message[]; total: number }> {
-  const [rows, count] = await Promise.all([
-    all(db, {
-      sql:
-        `SELECT ${MESSAGE_COLUMNS} FROM messages WHERE room_id = ? ORDER BY id DESC LIMIT ?`,
-      args: [roomId, limit],
-    }),
+  const [items, count] = await Promise.all([
+    listMessages(db, roomId, { limit, order: "desc" }),
     all(db, {
       sql: "SELECT count(*) AS n FROM messages WHERE room_id = ?",
       args: [roomId],
     }),
   ]);
-  return { items: rows.map(toMessage).reverse(), total: Number(count[0].n) };
+  return { items: items.reverse(), total: Number(count[0].n) };
+}
+
+/** The outcome of a claim or a release; `message` is null when there is no such message. */
+export type ClaimResult = { ok: boolean; message: Message | null };
+
+/**
+ * Claims a message for an agent, for `lease` seconds or until released. Succeeds when
+ * it is free, its lease ran out, or the agent holds it already (which renews the lease).
+ */
+export async function claimMessage(
+  db: Db,
+  roomId: string,
+  id: number,
+  agent: string,
+  lease?: number,
+): Promise<ClaimResult> {
+  const now = Date.now();
+  const [row] = await all(db, {
+    sql: `UPDATE messages SET
+            claimed_at = CASE WHEN claimed_by = :agent
+              AND (lease_expires_at IS NULL OR lease_expires_at > :now)
+              THEN claimed_at ELSE :now END,
+            claimed_by = :agent,
+            lease_expires_at = :expires
+          WHERE room_id = :room AND id = :id
+            AND (claimed_by IS NULL OR claimed_by = :agent OR lease_expires_at <= :now)
+          RETURNING ${MESSAGE_COLUMNS}`,
+    args: {
+      agent,
+      now,
+      expires: lease === undefined ? null : now + Math.round(lease * 1000),
+      room: roomId,
+      id,
+    },
+  });
+  if (!row) return { ok: false, message: await getMessage(db, roomId, id) };
+  const message = toMessage(row, now);
+  db.notifier.publish(roomId, { type: "claim", message });
+  return { ok: true, message };
+}
+
+/** Gives a claim back; only its holder can, while it holds it. */
+export async function releaseMessage(
+  db: Db,
+  roomId: string,
+  id: number,
+  agent: string,
+): Promise<ClaimResult> {
+  const now = Date.now();
+  const [row] = await all(db, {
+    sql:
+      `UPDATE messages SET claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL
+          WHERE room_id = :room AND id = :id AND claimed_by = :agent
+            AND (lease_expires_at IS NULL OR lease_expires_at > :now)
+          RETURNING ${MESSAGE_COLUMNS}`,
+    args: { room: roomId, id, agent, now },
+  });
+  if (!row) return { ok: false, message: await getMessage(db, roomId, id) };
+  const message = toMessage(row, now);
+  db.notifier.publish(roomId, { type: "claim", message });
+  return { ok: true, message };
 }
 
 // ---- state ----
 
-const STATE_COLUMNS = "room_id, scope, key, value, version, updated_at";
+const STATE_COLUMNS =
+  "room_id, scope, key, value, version, updated_at, expires_at";
 
-/** Writes a key: version 1 when new, one more than before otherwise. */
-export async function putState(
-  db: Db,
-  entry: { room_id: string; scope: string; key: string; value: unknown },
-): Promise<StateEntry> {
-  const [row] = await all(db, {
-    sql: `INSERT INTO state (room_id, scope, key, value, version, updated_at)
-          VALUES (?, ?, ?, ?, 1, ?)
-          ON CONFLICT (room_id, scope, key) DO UPDATE
-          SET value = excluded.value, version = state.version + 1, updated_at = excluded.updated_at
-          RETURNING ${STATE_COLUMNS}`,
-    args: [
-      entry.room_id,
-      entry.scope,
-      entry.key,
-      JSON.stringify(entry.value),
-      Date.now(),
-    ],
-  });
-  return toStateEntry(row);
-}
+/** A live entry: one whose TTL has not run out. */
+const LIVE = "(expires_at IS NULL OR expires_at > :now)";
+const EXPIRED = "(state.expires_at IS NOT NULL AND state.expires_at <= :now)";
+const NUMERIC = "json_type(state.value) IN ('integer', 'real')";
 
-/** One key, or null. */
+/** One key, or null (also when its TTL ran out). */
 export async function getState(
   db: Db,
   roomId: string,
@@ -437,14 +668,14 @@ export async function getState(
   key: string,
 ): Promise<StateEntry | null> {
   const [row] = await all(db, {
-    sql:
-      `SELECT ${STATE_COLUMNS} FROM state WHERE room_id = ? AND scope = ? AND key = ?`,
-    args: [roomId, scope, key],
+    sql: `SELECT ${STATE_COLUMNS} FROM state
+          WHERE room_id = :room AND scope = :scope AND key = :key AND ${LIVE}`,
+    args: { room: roomId, scope, key, now: Date.now() },
   });
   return row ? toStateEntry(row) : null;
 }
 
-/** Every key of a room, or of one scope, ordered by scope and key. */
+/** Every live key of a room, or of one scope, ordered by scope and key. */
 export async function listState(
   db: Db,
   roomId: string,
@@ -455,28 +686,503 @@ export async function listState(
     scope === undefined
       ? {
         sql:
-          `SELECT ${STATE_COLUMNS} FROM state WHERE room_id = ? ORDER BY scope, key`,
-        args: [roomId],
+          `SELECT ${STATE_COLUMNS} FROM state WHERE room_id = :room AND ${LIVE}
+              ORDER BY scope, key`,
+        args: { room: roomId, now: Date.now() },
       }
       : {
-        sql:
-          `SELECT ${STATE_COLUMNS} FROM state WHERE room_id = ? AND scope = ? ORDER BY key`,
-        args: [roomId, scope],
+        sql: `SELECT ${STATE_COLUMNS} FROM state
+              WHERE room_id = :room AND scope = :scope AND ${LIVE} ORDER BY key`,
+        args: { room: roomId, scope, now: Date.now() },
       },
   );
   return rows.map(toStateEntry);
 }
 
-/** Deletes a key; false when it was absent. */
-export async function deleteState(
+/**
+ * One write to a key. Exactly one of `value` or `increment` for a write; `merge` applies
+ * `value` as an RFC 7386 merge patch; `delete` removes the key. `if_version` makes it
+ * conditional (0: only if absent); `ttl` (seconds) makes the entry expire.
+ */
+export type StateWrite = {
+  scope: string;
+  key: string;
+  value?: unknown;
+  increment?: number;
+  merge?: boolean;
+  delete?: boolean;
+  if_version?: number;
+  ttl?: number;
+};
+
+/** The outcome of one state write: the entry, or why it was refused. */
+export type WriteResult =
+  | { ok: true; entry: StateEntry | null; deleted?: boolean }
+  | {
+    ok: false;
+    reason: "version_conflict" | "not_a_number";
+    current: StateEntry | null;
+  };
+
+/**
+ * The single SQL statement of a write, and whether it is conditional: a conditional
+ * statement that changes no row has been refused (`changes() = 0`).
+ */
+function stateStatement(
+  roomId: string,
+  op: StateWrite,
+  now: number,
+): { stmt: InStatement; conditional: boolean } {
+  const args = { room: roomId, scope: op.scope, key: op.key, now };
+  const pk = "room_id = :room AND scope = :scope AND key = :key";
+  if (op.delete) {
+    if (op.if_version === 0) {
+      // "Only if absent": an expired entry is absent, so it is cleared; a live one refuses.
+      return {
+        stmt: {
+          sql:
+            `DELETE FROM state WHERE ${pk} AND ${EXPIRED} RETURNING 0 AS live`,
+          args,
+        },
+        conditional: false,
+      };
+    }
+    return {
+      stmt: {
+        sql: `DELETE FROM state WHERE ${pk}${
+          op.if_version === undefined
+            ? ""
+            : ` AND version = :if_version AND NOT ${EXPIRED}`
+        } RETURNING NOT ${EXPIRED} AS live`,
+        args: op.if_version === undefined
+          ? args
+          : { ...args, if_version: op.if_version },
+      },
+      conditional: op.if_version !== undefined,
+    };
+  }
+  const expires = op.ttl === undefined ? null : now + Math.round(op.ttl * 1000);
+  let absent = ":value";
+  let fromCurrent = ":value";
+  const conditions: string[] = [];
+  let operand: InValue;
+  if (op.increment !== undefined) {
+    absent = "json_quote(0 + :value)";
+    fromCurrent = "json_quote(json_extract(state.value, '$') + :value)";
+    conditions.push(NUMERIC);
+    operand = op.increment;
+  } else if (op.merge) {
+    absent = "json_patch('{}', :value)";
+    fromCurrent = "json_patch(state.value, :value)";
+    operand = JSON.stringify(op.value);
+  } else {
+    operand = JSON.stringify(op.value);
+  }
+  const all = { ...args, value: operand, expires };
+  if (op.if_version !== undefined && op.if_version > 0) {
+    return {
+      stmt: {
+        sql: `UPDATE state SET value = ${fromCurrent}, version = version + 1,
+                updated_at = :now, expires_at = :expires
+              WHERE ${pk} AND version = :if_version AND NOT ${EXPIRED}
+                ${conditions.map((c) => `AND ${c}`).join(" ")}
+              RETURNING ${STATE_COLUMNS}`,
+        args: { ...all, if_version: op.if_version },
+      },
+      conditional: true,
+    };
+  }
+  // No if_version: any live value (numeric, for an increment); if_version 0: only an
+  // expired one. An expired entry is replaced as if absent, starting over at version 1.
+  const when = op.if_version === 0
+    ? EXPIRED
+    : conditions.length > 0
+    ? `(${EXPIRED} OR ${conditions.join(" AND ")})`
+    : "1";
+  return {
+    stmt: {
+      sql:
+        `INSERT INTO state (room_id, scope, key, value, version, updated_at, expires_at)
+            VALUES (:room, :scope, :key, ${absent}, 1, :now, :expires)
+            ON CONFLICT (room_id, scope, key) DO UPDATE SET
+              value = CASE WHEN ${EXPIRED} THEN excluded.value ELSE ${fromCurrent} END,
+              version = CASE WHEN ${EXPIRED} THEN 1 ELSE state.version + 1 END,
+              updated_at = excluded.updated_at,
+              expires_at = excluded.expires_at
+            WHERE ${when}
+            RETURNING ${STATE_COLUMNS}`,
+      args: all,
+    },
+    conditional: when !== "1",
+  };
+}
+
+/** Publishes the event of a state write that succeeded. */
+function publishState(
   db: Db,
   roomId: string,
-  scope: string,
-  key: string,
-): Promise<boolean> {
-  const rs = await (await db.client()).execute({
-    sql: "DELETE FROM state WHERE room_id = ? AND scope = ? AND key = ?",
-    args: [roomId, scope, key],
+  op: StateWrite,
+  result: WriteResult,
+): void {
+  if (!result.ok || (op.delete && !result.deleted)) return;
+  db.notifier.publish(roomId, {
+    type: "state",
+    scope: op.scope,
+    key: op.key,
+    entry: result.entry,
   });
-  return rs.rowsAffected > 0;
+}
+
+/** Turns a statement's result rows into the write's result, or null when refused. */
+function writeOutcome(op: StateWrite, rows: Row[]): WriteResult | null {
+  if (op.delete) {
+    if (op.if_version !== undefined && op.if_version > 0 && rows.length === 0) {
+      return null;
+    }
+    return {
+      ok: true,
+      entry: null,
+      deleted: rows.length > 0 && Boolean(rows[0].live),
+    };
+  }
+  return rows.length > 0 ? { ok: true, entry: toStateEntry(rows[0]) } : null;
+}
+
+/** Applies one write atomically (compare-and-set and arithmetic happen in SQL). */
+export async function writeState(
+  db: Db,
+  roomId: string,
+  op: StateWrite,
+): Promise<WriteResult> {
+  const now = Date.now();
+  const { stmt } = stateStatement(roomId, op, now);
+  const rows = (await (await db.client()).execute(stmt)).rows;
+  let result = writeOutcome(op, rows);
+  if (result === null || (op.delete && op.if_version === 0)) {
+    const current = await getState(db, roomId, op.scope, op.key);
+    result = result ?? refusal(op, current);
+    if (op.delete && op.if_version === 0 && current !== null) {
+      result = refusal(op, current);
+    }
+  }
+  publishState(db, roomId, op, result);
+  return result;
+}
+
+/** Why a write was refused, given the entry as it is now. */
+function refusal(op: StateWrite, current: StateEntry | null): WriteResult {
+  const numeric = typeof current?.value === "number";
+  const versionOk = op.if_version === undefined ||
+    op.if_version === (current?.version ?? 0);
+  return {
+    ok: false,
+    reason:
+      versionOk && op.increment !== undefined && current !== null && !numeric
+        ? "not_a_number"
+        : "version_conflict",
+    current,
+  };
+}
+
+// ---- batches ----
+
+/** A refused write of a batch, by its index in `state`. */
+export type Conflict = {
+  index: number;
+  scope: string;
+  key: string;
+  reason: "version_conflict" | "not_a_number";
+  expected_version: number | null;
+  current: StateEntry | null;
+};
+
+/** A state write's result in a batch: the entry, or for a delete whether it was there. */
+export type BatchStateResult = StateEntry | {
+  room_id: string;
+  scope: string;
+  key: string;
+  deleted: boolean;
+};
+
+export type BatchResult =
+  | { ok: true; state: BatchStateResult[]; messages: Message[] }
+  | { ok: false; conflicts: Conflict[] }
+  | { ok: false; missing_reply_to: number };
+
+/** Fails (NOT NULL) when the statement before it changed no row: see schema.sql. */
+const GUARD = "INSERT INTO batch_guard (ok) SELECT NULL WHERE changes() = 0";
+
+/** How often a batch is tried again when a concurrent write beats it between read and write. */
+const BATCH_ATTEMPTS = 5;
+
+/**
+ * Applies state writes and message appends all-or-nothing in one transaction. The
+ * writes are first checked against the current entries (so every conflict is listed);
+ * the transaction then re-checks each condition in SQL, and if a concurrent write got
+ * in between, the whole batch rolls back and is checked again.
+ */
+export async function applyBatch(
+  db: Db,
+  roomId: string,
+  ops: StateWrite[],
+  messages: NewMessage[],
+  idempotencyKey?: string,
+): Promise<BatchResult> {
+  const client = await db.client();
+  for (let attempt = 1;; attempt++) {
+    const now = Date.now();
+    const replies = [...new Set(messages.flatMap((m) => m.reply_to ?? []))];
+    const [current, existing] = await Promise.all([
+      liveEntries(db, roomId, ops, now),
+      existingMessageIds(db, roomId, replies),
+    ]);
+    const missing = replies.find((id) => !existing.has(id));
+    if (missing !== undefined) return { ok: false, missing_reply_to: missing };
+    const conflicts = simulate(ops, current);
+    if (conflicts.length > 0) return { ok: false, conflicts };
+
+    const stmts: InStatement[] = idempotencyKey === undefined
+      ? []
+      : takeKeyStatements(roomId, idempotencyKey, now);
+    const opAt: number[] = [];
+    const guards = new Set<number>();
+    for (const op of ops) {
+      const { stmt, conditional } = stateStatement(roomId, op, now);
+      opAt.push(stmts.length);
+      stmts.push(stmt);
+      if (conditional) guards.add(stmts.length), stmts.push(GUARD);
+      if (op.delete && op.if_version === 0) {
+        guards.add(stmts.length);
+        stmts.push({
+          sql:
+            `INSERT INTO batch_guard (ok) SELECT NULL WHERE EXISTS (SELECT 1 FROM state
+                WHERE room_id = :room AND scope = :scope AND key = :key AND ${LIVE})`,
+          args: { room: roomId, scope: op.scope, key: op.key, now },
+        });
+      }
+    }
+    const messageAt: number[] = [];
+    for (const m of messages) {
+      messageAt.push(stmts.length);
+      stmts.push(insertMessageStatement(roomId, m, now));
+      if (m.reply_to !== null) guards.add(stmts.length), stmts.push(GUARD);
+    }
+    let results;
+    try {
+      results = await client.batch(stmts, "write");
+    } catch (error) {
+      const index = error instanceof LibsqlBatchError
+        ? error.statementIndex
+        : -1;
+      if (guards.has(index) && attempt < BATCH_ATTEMPTS) continue;
+      if (guards.has(index)) {
+        const op = opAt.findLastIndex((at) => at < index);
+        return {
+          ok: false,
+          conflicts: simulate([ops[op]], current).map((c) => ({
+            ...c,
+            index: op,
+          })),
+        };
+      }
+      throw error;
+    }
+    const state = ops.map((op, i): BatchStateResult => {
+      const outcome = writeOutcome(op, results[opAt[i]].rows);
+      if (outcome?.ok && outcome.entry) return outcome.entry;
+      return {
+        room_id: roomId,
+        scope: op.scope,
+        key: op.key,
+        deleted: Boolean(outcome?.ok && outcome.deleted),
+      };
+    });
+    const appended = messageAt.map((at) => toMessage(results[at].rows[0], now));
+    ops.forEach((op, i) => {
+      const entry = state[i];
+      const deleted = "deleted" in entry;
+      if (deleted && !entry.deleted) return;
+      db.notifier.publish(roomId, {
+        type: "state",
+        scope: op.scope,
+        key: op.key,
+        entry: deleted ? null : entry,
+      });
+    });
+    for (const message of appended) {
+      db.notifier.publish(roomId, { type: "message", message });
+    }
+    return { ok: true, state, messages: appended };
+  }
+}
+
+/** The live entries of the keys the writes touch, by `scope\nkey`. */
+async function liveEntries(
+  db: Db,
+  roomId: string,
+  ops: StateWrite[],
+  now: number,
+): Promise<Map<string, StateEntry>> {
+  const entries = new Map<string, StateEntry>();
+  if (ops.length === 0) return entries;
+  const rows = await all(db, {
+    sql: `SELECT ${STATE_COLUMNS} FROM state WHERE room_id = ?
+          AND (scope, key) IN (VALUES ${ops.map(() => "(?, ?)").join(", ")})
+          AND (expires_at IS NULL OR expires_at > ?)`,
+    args: [roomId, ...ops.flatMap((op) => [op.scope, op.key]), now],
+  });
+  for (const row of rows) {
+    const entry = toStateEntry(row);
+    entries.set(`${entry.scope}\n${entry.key}`, entry);
+  }
+  return entries;
+}
+
+/** Which of these message ids exist in the room. */
+async function existingMessageIds(
+  db: Db,
+  roomId: string,
+  ids: number[],
+): Promise<Set<number>> {
+  if (ids.length === 0) return new Set();
+  const rows = await all(db, {
+    sql: `SELECT id FROM messages WHERE room_id = ? AND id IN (${
+      ids.map(() => "?").join(", ")
+    })`,
+    args: [roomId, ...ids],
+  });
+  return new Set(rows.map((row) => Number(row.id)));
+}
+
+/** Plays the writes over the current entries in order and lists those that would be refused. */
+function simulate(
+  ops: StateWrite[],
+  current: Map<string, StateEntry>,
+): Conflict[] {
+  const entries = new Map(current);
+  const conflicts: Conflict[] = [];
+  ops.forEach((op, index) => {
+    const id = `${op.scope}\n${op.key}`;
+    const entry = entries.get(id) ?? null;
+    const refuse = (reason: Conflict["reason"]) =>
+      conflicts.push({
+        index,
+        scope: op.scope,
+        key: op.key,
+        reason,
+        expected_version: op.if_version ?? null,
+        current: entry,
+      });
+    if (
+      op.if_version !== undefined && op.if_version !== (entry?.version ?? 0)
+    ) {
+      return refuse("version_conflict");
+    }
+    if (op.delete) return entries.delete(id);
+    let value: unknown;
+    if (op.increment !== undefined) {
+      if (entry !== null && typeof entry.value !== "number") {
+        return refuse("not_a_number");
+      }
+      value = ((entry?.value as number | undefined) ?? 0) + op.increment;
+    } else {
+      value = op.merge ? mergePatch(entry?.value, op.value) : op.value;
+    }
+    entries.set(id, {
+      ...(entry ??
+        {
+          room_id: "",
+          scope: op.scope,
+          key: op.key,
+          updated_at: "",
+          expires_at: null,
+        }),
+      value,
+      version: (entry?.version ?? 0) + 1,
+    });
+  });
+  return conflicts;
+}
+
+/** RFC 7386 JSON Merge Patch, as SQLite's json_patch applies it. */
+function mergePatch(target: unknown, patch: unknown): unknown {
+  if (patch === null || typeof patch !== "object" || Array.isArray(patch)) {
+    return patch;
+  }
+  const result: Record<string, unknown> =
+    target !== null && typeof target === "object" && !Array.isArray(target)
+      ? { ...target as Record<string, unknown> }
+      : {};
+  for (const [key, value] of Object.entries(patch)) {
+    if (value === null) delete result[key];
+    else result[key] = mergePatch(result[key], value);
+  }
+  return result;
+}
+
+// ---- idempotency ----
+
+/** How long an Idempotency-Key is remembered (ms). */
+export const IDEMPOTENCY_TTL_MS = 24 * 60 * 60 * 1000;
+
+/** Thrown when the Idempotency-Key was taken by an earlier request. */
+export class KeyTaken extends Error {}
+
+/**
+ * Statements that take an Idempotency-Key inside a write's transaction (and forget
+ * keys past their time): a key taken already fails the transaction on the primary key.
+ */
+function takeKeyStatements(
+  roomId: string,
+  key: string,
+  now: number,
+): InStatement[] {
+  return [
+    {
+      sql: "DELETE FROM idempotency WHERE created_at < ?",
+      args: [now - IDEMPOTENCY_TTL_MS],
+    },
+    {
+      sql:
+        "INSERT INTO idempotency (room_id, key, created_at) VALUES (?, ?, ?)",
+      args: [roomId, key, now],
+    },
+  ];
+}
+
+/** True when an error is the failure of `takeKeyStatements` on a key in use. */
+export function isKeyTaken(error: unknown): boolean {
+  return error instanceof LibsqlBatchError && error.statementIndex === 1 &&
+    error.code.startsWith("SQLITE_CONSTRAINT");
+}
+
+/** Stores the answer given for a key. */
+export async function saveIdempotent(
+  db: Db,
+  roomId: string,
+  key: string,
+  status: number,
+  response: unknown,
+): Promise<void> {
+  await (await db.client()).execute({
+    sql:
+      "UPDATE idempotency SET status = ?, response = ? WHERE room_id = ? AND key = ?",
+    args: [status, JSON.stringify(response), roomId, key],
+  });
+}
+
+/** The answer stored for a key: null when unknown, `pending` while its first request runs. */
+export async function getIdempotent(
+  db: Db,
+  roomId: string,
+  key: string,
+): Promise<{ status: number; response: unknown } | "pending" | null> {
+  const [row] = await all(db, {
+    sql:
+      "SELECT status, response FROM idempotency WHERE room_id = ? AND key = ? AND created_at >= ?",
+    args: [roomId, key, Date.now() - IDEMPOTENCY_TTL_MS],
+  });
+  if (!row) return null;
+  if (row.status === null) return "pending";
+  return { status: Number(row.status), response: json(row.response) };
 }

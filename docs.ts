@@ -36,13 +36,19 @@ post results → write state → repeat.
 | \`POST /rooms\` | \`{id?, meta?}\` | 201 room; 200 with the room if the id exists |
 | \`GET /rooms\` | | 200 \`[room]\` |
 | \`GET /rooms/:id\` | | 200 \`{id, created_at, meta}\` |
-| \`POST /rooms/:id/agents\` | \`{id?, name, role?, meta?}\` | 201 \`{id, room_id, name, role, joined_at, meta}\` |
+| \`GET /rooms/:id/context\` | \`?messages=50\` | 200 \`{room, agents, state, messages: {items, total, next_after}}\`: all a late joiner needs |
+| \`GET /rooms/:id/stream\` | \`?after=0\` or \`Last-Event-ID\` | Server-Sent Events: \`message\` (SSE id = message id), \`state\`, \`agent\`, \`claim\` |
+| \`POST /rooms/:id/agents\` | \`{id?, name, role?, meta?}\` | 201 \`{id, room_id, name, role, joined_at, meta, status, last_seen, idle_ms}\` |
 | \`GET /rooms/:id/agents\` | | 200 \`[agent]\` |
-| \`POST /rooms/:id/messages\` | \`{from?, to?, kind?, body}\` | 201 \`{id, room_id, from_agent, to_agent, kind, body, created_at}\` |
-| \`GET /rooms/:id/messages\` | \`?after=0&kind=&limit=100\` | 200 \`[message]\`, ascending by id, at most 1000 |
-| \`PUT /rooms/:id/state\` | \`{scope?, key, value}\` | 200 \`{room_id, scope, key, value, version, updated_at}\` |
-| \`GET /rooms/:id/state\` | \`?scope=&key=\` | 200 one entry when \`key\` is given (scope \`_shared\` by default), else a list |
-| \`DELETE /rooms/:id/state\` | \`{scope?, key}\` | 200 \`{deleted: true}\` (\`false\` if absent) |
+| \`POST /rooms/:id/agents/:agent/heartbeat\` | \`{status?}\` | 200 agent; status is \`active\`, \`idle\`, \`busy\`, \`waiting\` or \`done\` |
+| \`POST /rooms/:id/messages\` | \`{from?, to?, kind?, body, reply_to?}\` | 201 message; header \`Idempotency-Key\` makes a retry safe |
+| \`GET /rooms/:id/messages\` | \`?after=0&limit=100&kind=a,b&from=&to=&for=&thread=&unclaimed=true&order=desc&before=&wait=0&agent=\` | 200 \`[message]\` |
+| \`POST /rooms/:id/messages/:mid/claim\` | \`{agent, lease?}\` | 200 \`{claimed: true, message}\`; 409 \`already_claimed\` |
+| \`POST /rooms/:id/messages/:mid/release\` | \`{agent}\` | 200 \`{released, message}\` |
+| \`PUT /rooms/:id/state\` | \`{scope?, key, value | increment, merge?, ttl?, if_version?}\` | 200 \`{room_id, scope, key, value, version, updated_at, expires_at}\` |
+| \`GET /rooms/:id/state\` | \`?scope=&key=&after_version=&wait=&agent=\` | 200 one entry when \`key\` is given (scope \`_shared\` by default), else a list |
+| \`DELETE /rooms/:id/state\` | \`{scope?, key, if_version?}\` | 200 \`{deleted: true}\` (\`false\` if absent) |
+| \`POST /rooms/:id/batch\` | \`{state?: [write], messages?: [message]}\` | 200 \`{state, messages}\`, all or nothing, at most 100 operations |
 | \`GET /healthz\` | | 200 \`{ok: true}\` when the database answers |
 
 - Ids (rooms, agents, scopes, kinds): 1-128 characters of \`A-Z a-z 0-9 . _ : @ -\`.
@@ -51,10 +57,26 @@ post results → write state → repeat.
   \`scope\` to \`"_shared"\` (use your agent id for private state).
 - \`body\`, \`value\` and \`meta\` are any JSON value, returned exactly as sent.
 - Message ids are integers that only grow: keep the highest you have seen and pass it
-  as \`after\`.
+  as \`after\`. Messages carry \`reply_to\`, \`claimed_by\`, \`claimed_at\`,
+  \`lease_expires_at\`.
 - State \`version\` is 1 on create and +1 on every write; deleting a key and writing it
-  again starts over at 1.
-- Times are ISO 8601 UTC.
+  again starts over at 1. Times are ISO 8601 UTC.
+
+## Coordination
+
+- **Compare-and-set**: \`if_version\` on PUT or DELETE state; \`0\` means "only if
+  absent". A mismatch is 409 \`version_conflict\` with \`current\` (the whole entry).
+- **Counters**: \`{"key":"n","increment":true}\` adds 1 (or a number); atomic.
+- **Merge**: \`{"key":"cfg","value":{"a":null,"b":2},"merge":true}\` (RFC 7386).
+- **TTL**: \`ttl\` seconds on a write; an expired entry reads as absent.
+- **Wait instead of polling**: \`GET messages?after=N&wait=30\` answers as soon as a
+  message arrives (or \`[]\` after 30 s); \`GET state?key=turn&after_version=4&wait=30\`
+  answers when the version passes 4. Add \`agent=<your id>\` to show as \`waiting\`.
+- **Task queue**: post \`kind: "task"\` → \`GET messages?kind=task&unclaimed=true\` →
+  \`POST messages/:mid/claim {agent, lease: 60}\` → post \`kind: "result"\` with
+  \`reply_to\` → read \`GET messages?thread=<task id>\`.
+- **Lock**: \`PUT state {key: "lock", value: "me", if_version: 0, ttl: 30}\`; renew with
+  \`if_version\` = its version; release with \`DELETE {key, if_version}\`.
 
 ## Errors
 
@@ -67,7 +89,12 @@ Every error is \`{"error": "<code>", "message": "<what went wrong>", ...details}
 | 404 | \`room_not_found\` | no room has that id: create it with \`POST /rooms\` |
 | 404 | \`key_not_found\` | no state entry has that scope and key |
 | 404 | \`not_found\` | no such route |
+| 404 | \`agent_not_found\`, \`message_not_found\` | no such agent or message in the room |
 | 409 | \`agent_exists\` | that agent id is registered in the room already |
+| 409 | \`version_conflict\` | \`if_version\` did not match; \`current\` holds the entry (a batch lists \`conflicts\`) |
+| 409 | \`not_a_number\` | increment on a value that is not a number |
+| 409 | \`already_claimed\` | another agent holds the message (\`claimed_by\`, \`lease_expires_at\`) |
+| 409 | \`idempotency_key_in_use\` | a request with that key has not finished yet |
 | 413 | \`payload_too_large\` | the body is over the limit |
 | 503 | \`database_busy\`, \`database_unavailable\` | retry shortly |
 `;

@@ -3,26 +3,36 @@
  * agents, over JSON/HTTP. This file is the route table; SQL is in `db.ts`, inputs in
  * `schemas.ts`, errors in `errors.ts`, markup in `view.tsx`, agent docs in `docs.ts`.
  */
-import { Hono } from "hono";
+import { type Context, Hono } from "hono";
 import { bodyLimit } from "hono/body-limit";
 import { createMiddleware } from "hono/factory";
+import { z } from "zod";
 import {
+  applyBatch,
+  claimMessage,
   createRoom,
   Db,
-  deleteState,
   getAgent,
+  getIdempotent,
   getRoom,
-  getState,
   insertAgent,
   insertMessage,
+  isKeyTaken,
   listAgents,
-  listMessages,
   listRooms,
   listState,
+  type Message,
+  type MessageFilter,
+  type NewMessage,
   ping,
-  putState,
   recentMessages,
+  releaseMessage,
   type Room,
+  saveIdempotent,
+  type StateEntry,
+  touchAgent,
+  type WriteResult,
+  writeState,
 } from "./db.ts";
 import { usage } from "./docs.ts";
 import {
@@ -33,10 +43,15 @@ import {
   roomNotFound,
 } from "./errors.ts";
 import {
+  Batch,
   body,
+  Claim,
   CreateRoom,
   DeleteState,
+  GetContext,
   GetState,
+  GetStream,
+  Heartbeat,
   Id,
   ListMessages,
   parse,
@@ -44,10 +59,13 @@ import {
   PutState,
   query,
   RegisterAgent,
+  Release,
   ViewerQuery,
 } from "./schemas.ts";
 import { serve } from "./server.ts";
+import { streamRoom } from "./stream.ts";
 import { Landing, MissingRoom, RoomPage } from "./view.tsx";
+import { waitForMessages, waitForState, whileWaiting } from "./waiting.ts";
 
 /** Reads a non-negative integer setting from the environment, or its default. */
 function envInt(name: string, fallback: number): number {
@@ -86,6 +104,51 @@ export function createApp(options: AppOptions) {
       await next();
     },
   );
+
+  /**
+   * Runs a write once per Idempotency-Key: a repeated key gets the stored first answer
+   * (with `Idempotent-Replayed: true`) and writes nothing.
+   */
+  const once = async (
+    c: Context,
+    roomId: string,
+    write: (key?: string) => Promise<{ status: 200 | 201; body: unknown }>,
+  ): Promise<Response> => {
+    const header = c.req.header("idempotency-key");
+    const key = header === undefined
+      ? undefined
+      : parse(IdempotencyKey, header, "Idempotency-Key header");
+    if (key === undefined) {
+      const { status, body } = await write();
+      return c.json(body, status);
+    }
+    const replay = async () => {
+      // The first request may still be running: its answer is stored when it ends.
+      for (let tries = 0; tries < 200; tries++) {
+        const stored = await getIdempotent(db, roomId, key);
+        if (stored !== "pending" && stored !== null) {
+          c.header("Idempotent-Replayed", "true");
+          return c.json(stored.response, stored.status as 200 | 201);
+        }
+        await new Promise((resolve) => setTimeout(resolve, 25));
+      }
+      throw new ApiError(
+        409,
+        "idempotency_key_in_use",
+        `Idempotency-Key "${key}" belongs to a request that has not finished; retry later or use a new key`,
+      );
+    };
+    if (await getIdempotent(db, roomId, key) !== null) return replay();
+    let result;
+    try {
+      result = await write(key);
+    } catch (error) {
+      if (isKeyTaken(error)) return replay();
+      throw error;
+    }
+    await saveIdempotent(db, roomId, key, result.status, result.body);
+    return c.json(result.body, result.status);
+  };
 
   return new Hono()
     .onError(onError)
@@ -153,6 +216,29 @@ export function createApp(options: AppOptions) {
     })
     .get("/rooms", async (c) => c.json(await listRooms(db)))
     .get("/rooms/:id", inRoom, (c) => c.json(c.var.room))
+    .get("/rooms/:id/context", inRoom, query(GetContext), async (c) => {
+      const room = c.var.room;
+      const [agents, state, messages] = await Promise.all([
+        listAgents(db, room.id),
+        listState(db, room.id),
+        recentMessages(db, room.id, c.req.valid("query").messages ?? 50),
+      ]);
+      const next_after = messages.items.at(-1)?.id ??
+        (messages.total > 0 ? await lastId(room.id) : 0);
+      return c.json({
+        room,
+        agents,
+        state,
+        messages: { ...messages, next_after },
+      });
+    })
+    .get("/rooms/:id/stream", inRoom, query(GetStream), (c) => {
+      const resume = c.req.header("last-event-id");
+      const after = resume === undefined
+        ? c.req.valid("query").after ?? 0
+        : parse(LastEventId, resume, "Last-Event-ID header");
+      return streamRoom(c, db, c.var.room.id, after);
+    })
     // ---- agents ----
     .post("/rooms/:id/agents", inRoom, body(RegisterAgent), async (c) => {
       const input = c.req.valid("json");
@@ -180,45 +266,116 @@ export function createApp(options: AppOptions) {
       inRoom,
       async (c) => c.json(await listAgents(db, c.var.room.id)),
     )
+    .post(
+      "/rooms/:id/agents/:agent/heartbeat",
+      inRoom,
+      body(Heartbeat),
+      async (c) => {
+        const agentId = parse(Id, c.req.param("agent"), "agent id");
+        const agent = await touchAgent(
+          db,
+          c.var.room.id,
+          agentId,
+          c.req.valid("json").status,
+        );
+        if (!agent) throw agentNotFound(c.var.room.id, agentId);
+        return c.json(agent);
+      },
+    )
     // ---- messages ----
-    .post("/rooms/:id/messages", inRoom, body(PostMessage), async (c) => {
-      const input = c.req.valid("json");
-      const message = await insertMessage(db, {
-        room_id: c.var.room.id,
-        from_agent: input.from ?? null,
-        to_agent: input.to ?? null,
-        kind: input.kind ?? "message",
-        body: input.body,
+    .post("/rooms/:id/messages", inRoom, body(PostMessage), (c) => {
+      const roomId = c.var.room.id;
+      const message = toNewMessage(c.req.valid("json"));
+      return once(c, roomId, async (key) => {
+        const inserted = await insertMessage(db, roomId, message, key);
+        if (!inserted) throw replyNotFound(roomId, message.reply_to!);
+        return { status: 201, body: inserted };
       });
-      return c.json(message, 201);
     })
     .get("/rooms/:id/messages", inRoom, query(ListMessages), async (c) => {
       const q = c.req.valid("query");
-      return c.json(
-        await listMessages(db, c.var.room.id, {
-          after: q.after ?? 0,
-          limit: q.limit ?? 100,
-          kind: q.kind,
-        }),
+      const roomId = c.var.room.id;
+      const filter: MessageFilter = {
+        after: q.after ?? (q.order === "desc" ? undefined : 0),
+        before: q.before,
+        limit: q.limit ?? 100,
+        order: q.order ?? "asc",
+        kinds: q.kind,
+        from: q.from,
+        to: q.to,
+        for: q.for,
+        thread: q.thread,
+        unclaimed: q.unclaimed,
+      };
+      const messages = await whileWaiting(
+        db,
+        roomId,
+        q.wait ? q.agent : undefined,
+        () =>
+          waitForMessages(db, roomId, filter, q.wait ?? 0, c.req.raw.signal),
       );
+      return c.json(messages);
     })
+    .post("/rooms/:id/messages/:mid/claim", inRoom, body(Claim), async (c) => {
+      const input = c.req.valid("json");
+      const roomId = c.var.room.id;
+      const id = parse(PathMessageId, c.req.param("mid"), "message id");
+      const agent = requireAgent(input.agent);
+      const { ok, message } = await claimMessage(
+        db,
+        roomId,
+        id,
+        agent,
+        input.lease,
+      );
+      if (!message) throw messageNotFound(roomId, id);
+      if (!ok) throw alreadyClaimed(message);
+      return c.json({ claimed: true, message });
+    })
+    .post(
+      "/rooms/:id/messages/:mid/release",
+      inRoom,
+      body(Release),
+      async (c) => {
+        const roomId = c.var.room.id;
+        const id = parse(PathMessageId, c.req.param("mid"), "message id");
+        const agent = requireAgent(c.req.valid("json").agent);
+        const { ok, message } = await releaseMessage(db, roomId, id, agent);
+        if (!message) throw messageNotFound(roomId, id);
+        if (!ok && message.claimed_by !== null) throw alreadyClaimed(message);
+        return c.json({ released: ok, message });
+      },
+    )
     // ---- state ----
     .put("/rooms/:id/state", inRoom, body(PutState), async (c) => {
       const input = c.req.valid("json");
-      return c.json(
-        await putState(db, {
-          room_id: c.var.room.id,
-          scope: input.scope ?? "_shared",
-          key: input.key,
-          value: input.value,
-        }),
-      );
+      const result = await writeState(db, c.var.room.id, {
+        ...input,
+        scope: input.scope ?? "_shared",
+        increment: input.increment === true ? 1 : input.increment,
+      });
+      if (!result.ok) throw refused(result, input.if_version);
+      return c.json(result.entry as StateEntry);
     })
     .get("/rooms/:id/state", inRoom, query(GetState), async (c) => {
-      const { scope, key } = c.req.valid("query");
+      const { scope, key, after_version, wait, agent } = c.req.valid("query");
       const room = c.var.room;
       if (key === undefined) return c.json(await listState(db, room.id, scope));
-      const entry = await getState(db, room.id, scope ?? "_shared", key);
+      const entry = await whileWaiting(
+        db,
+        room.id,
+        wait ? agent : undefined,
+        () =>
+          waitForState(
+            db,
+            room.id,
+            scope ?? "_shared",
+            key,
+            after_version ?? 0,
+            wait ?? 0,
+            c.req.raw.signal,
+          ),
+      );
       if (!entry) {
         throw new ApiError(
           404,
@@ -232,11 +389,166 @@ export function createApp(options: AppOptions) {
       return c.json(entry);
     })
     .delete("/rooms/:id/state", inRoom, body(DeleteState), async (c) => {
-      const { scope, key } = c.req.valid("json");
-      return c.json({
-        deleted: await deleteState(db, c.var.room.id, scope ?? "_shared", key),
+      const input = c.req.valid("json");
+      const result = await writeState(db, c.var.room.id, {
+        ...input,
+        scope: input.scope ?? "_shared",
+        delete: true,
+      });
+      if (!result.ok) throw refused(result, input.if_version);
+      return c.json({ deleted: result.deleted ?? false });
+    })
+    // ---- batch ----
+    .post("/rooms/:id/batch", inRoom, body(Batch), (c) => {
+      const input = c.req.valid("json");
+      const roomId = c.var.room.id;
+      return once(c, roomId, async (key) => {
+        const result = await applyBatch(
+          db,
+          roomId,
+          (input.state ?? []).map((op) => ({
+            ...op,
+            scope: op.scope ?? "_shared",
+            increment: op.increment === true ? 1 : op.increment,
+          })),
+          (input.messages ?? []).map(toNewMessage),
+          key,
+        );
+        if (result.ok) {
+          return {
+            status: 200,
+            body: { state: result.state, messages: result.messages },
+          };
+        }
+        if ("missing_reply_to" in result) {
+          throw replyNotFound(roomId, result.missing_reply_to);
+        }
+        const versions = result.conflicts.some((conflict) =>
+          conflict.reason === "version_conflict"
+        );
+        throw new ApiError(
+          409,
+          versions ? "version_conflict" : "not_a_number",
+          `The batch was not applied: ${result.conflicts.length} of its state writes ${
+            versions
+              ? "expected another version"
+              : "would add to a value that is not a number"
+          }; nothing was written`,
+          { conflicts: result.conflicts },
+        );
       });
     });
+
+  /** The id of the newest message of a room. */
+  async function lastId(roomId: string): Promise<number> {
+    return (await recentMessages(db, roomId, 1)).items[0]?.id ?? 0;
+  }
+}
+
+/** Idempotency-Key values: printable ASCII, 1-255 characters. */
+const IdempotencyKey = z.string().regex(/^[\x21-\x7e]{1,255}$/, {
+  error: "must be 1-255 printable ASCII characters without spaces",
+});
+
+/** A message id in a path or a Last-Event-ID header. */
+const PathMessageId = z.string().regex(/^[1-9]\d{0,14}$/, {
+  error: "must be a positive integer",
+})
+  .transform(Number);
+const LastEventId = z.string().regex(/^\d{1,15}$/, {
+  error: "must be a message id",
+}).transform(Number);
+
+function toNewMessage(input: PostMessage): NewMessage {
+  return {
+    from_agent: input.from ?? null,
+    to_agent: input.to ?? null,
+    kind: input.kind ?? "message",
+    body: input.body,
+    reply_to: input.reply_to ?? null,
+  };
+}
+
+/** The agent of a claim or release: named in the body (tokens come later). */
+function requireAgent(agent: string | undefined): string {
+  if (agent !== undefined) return agent;
+  throw new ApiError(
+    400,
+    "invalid_request",
+    'Invalid request body: field "agent" is required',
+    {
+      field: "agent",
+    },
+  );
+}
+
+function agentNotFound(roomId: string, id: string): ApiError {
+  return new ApiError(
+    404,
+    "agent_not_found",
+    `Agent "${id}" is not registered in room "${roomId}"`,
+    {
+      agent_id: id,
+    },
+  );
+}
+
+function messageNotFound(roomId: string, id: number): ApiError {
+  return new ApiError(
+    404,
+    "message_not_found",
+    `Message ${id} does not exist in room "${roomId}"`,
+    {
+      message_id: id,
+    },
+  );
+}
+
+function replyNotFound(roomId: string, id: number): ApiError {
+  return new ApiError(
+    400,
+    "invalid_request",
+    `Invalid request body: reply_to ${id} is not a message of room "${roomId}"`,
+    { field: "reply_to" },
+  );
+}
+
+function alreadyClaimed(message: Message): ApiError {
+  return new ApiError(
+    409,
+    "already_claimed",
+    `Message ${message.id} is claimed by "${message.claimed_by}"${
+      message.lease_expires_at ? ` until ${message.lease_expires_at}` : ""
+    }`,
+    {
+      claimed_by: message.claimed_by,
+      claimed_at: message.claimed_at,
+      lease_expires_at: message.lease_expires_at,
+    },
+  );
+}
+
+/** The 409 for a refused state write, with the whole current entry. */
+function refused(
+  result: WriteResult & { ok: false },
+  expected?: number,
+): ApiError {
+  if (result.reason === "not_a_number") {
+    return new ApiError(
+      409,
+      "not_a_number",
+      `Cannot increment: the current value of "${result.current?.key}" is not a number`,
+      { current: result.current },
+    );
+  }
+  return new ApiError(
+    409,
+    "version_conflict",
+    `Expected version ${expected} but the key is ${
+      result.current ? `at version ${result.current.version}` : "absent"
+    }; current holds the entry as it is`,
+    { expected_version: expected, current: result.current },
+  );
 }
 
 /** The app's type, for a typed client: `hc<AppType>(url)` from `hono/client`. */

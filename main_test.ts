@@ -59,15 +59,35 @@ const ISO = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/;
 const UUID =
   /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
 
-/** Checks every time field is ISO 8601 UTC and replaces it with "<time>". */
+const TIME_FIELDS = [
+  "created_at",
+  "joined_at",
+  "updated_at",
+  "last_seen",
+  "claimed_at",
+  "lease_expires_at",
+  "expires_at",
+];
+
+/**
+ * Checks every time field is ISO 8601 UTC (or null) and replaces it with "<time>", and
+ * `idle_ms` with "<ms>": what is left can be compared whole.
+ */
 function times(value: unknown): unknown {
   if (Array.isArray(value)) return value.map(times);
   if (value === null || typeof value !== "object") return value;
   return Object.fromEntries(
     Object.entries(value).map(([k, v]) => {
-      if (["created_at", "joined_at", "updated_at"].includes(k)) {
+      if (TIME_FIELDS.includes(k) && v !== null) {
         assert.match(String(v), ISO, `${k} is ISO 8601 UTC`);
         return [k, "<time>"];
+      }
+      if (k === "idle_ms") {
+        assert.ok(
+          typeof v === "number" && v >= 0,
+          "idle_ms is a count of milliseconds",
+        );
+        return [k, "<ms>"];
       }
       return [k, times(v)];
     }),
@@ -82,7 +102,7 @@ async function snapshot(call: Call, room: string) {
     call("GET", `/rooms/${room}/messages?limit=1000`),
     call("GET", `/rooms/${room}/state`),
   ]);
-  return parts.map((p) => p.body);
+  return parts.map((p) => times(p.body));
 }
 
 /** A room "r" with agent "a", one message and one state key. */
@@ -190,6 +210,9 @@ test("POST /rooms/:id/agents registers an agent", async ({ call }) => {
     role: "planner",
     joined_at: "<time>",
     meta: { model: "x" },
+    status: "active",
+    last_seen: "<time>",
+    idle_ms: "<ms>",
   });
 });
 
@@ -206,6 +229,9 @@ test("POST /rooms/:id/agents without id makes a GUID; role and meta default", as
     role: "agent",
     joined_at: "<time>",
     meta: {},
+    status: "active",
+    last_seen: "<time>",
+    idle_ms: "<ms>",
   });
 });
 
@@ -220,13 +246,16 @@ test("registering an agent id twice is 409 agent_exists and changes nothing", as
     name: "Second",
   });
   assert.equal(again.status, 409);
-  assert.deepEqual(again.body, {
+  assert.deepEqual(times(again.body), {
     error: "agent_exists",
     message:
       'Agent "a" is already registered in room "r"; use it as it is or register another id',
-    agent: first.body,
+    agent: times(first.body),
   });
-  assert.deepEqual((await call("GET", "/rooms/r/agents")).body, [first.body]);
+  assert.deepEqual(
+    times((await call("GET", "/rooms/r/agents")).body),
+    times([first.body]),
+  );
 });
 
 test("the same agent id can be registered in two rooms", async ({ call }) => {
@@ -250,7 +279,7 @@ test("GET /rooms/:id/agents lists the room's agents in join order", async ({ cal
   const b = await call("POST", "/rooms/r/agents", { id: "amy", name: "A" });
   const res = await call("GET", "/rooms/r/agents");
   assert.equal(res.status, 200);
-  assert.deepEqual(res.body, [a.body, b.body]);
+  assert.deepEqual(times(res.body), times([a.body, b.body]));
 });
 
 // ---- messages ----
@@ -272,6 +301,10 @@ test("POST /rooms/:id/messages appends a message", async ({ call }) => {
     kind: "task",
     body: { do: "review" },
     created_at: "<time>",
+    reply_to: null,
+    claimed_by: null,
+    claimed_at: null,
+    lease_expires_at: null,
   });
 });
 
@@ -287,6 +320,10 @@ test("a message with only a body is from nobody, to everyone, of kind message", 
     kind: "message",
     body: "hello",
     created_at: "<time>",
+    reply_to: null,
+    claimed_by: null,
+    claimed_at: null,
+    lease_expires_at: null,
   });
   const nulls = await call("POST", "/rooms/r/messages", {
     from: null,
@@ -440,6 +477,7 @@ test("PUT state creates version 1 in _shared, then +1 on every write", async ({ 
     value: "plan",
     version: 1,
     updated_at: "<time>",
+    expires_at: null,
   });
   const second = await call("PUT", "/rooms/r/state", {
     scope: "_shared",
@@ -453,6 +491,7 @@ test("PUT state creates version 1 in _shared, then +1 on every write", async ({ 
     value: "build",
     version: 2,
     updated_at: "<time>",
+    expires_at: null,
   });
 });
 
@@ -855,7 +894,7 @@ const BAD_INPUT: BadCase[] = [
     undefined,
     400,
     "invalid_request",
-    "kind",
+    "kind.0",
   ],
   [
     "messages unknown parameter",

@@ -7,10 +7,13 @@ CREATE TABLE IF NOT EXISTS schema_version (
   version INTEGER NOT NULL
 ) STRICT;
 
+-- rev grows on every change in the room (triggers below): instances sharing the
+-- database poll it to wake their waiters on writes made elsewhere.
 CREATE TABLE IF NOT EXISTS rooms (
   id TEXT PRIMARY KEY,
   created_at INTEGER NOT NULL,
-  meta TEXT NOT NULL
+  meta TEXT NOT NULL,
+  rev INTEGER NOT NULL DEFAULT 0
 ) STRICT;
 
 -- Lists order by (created_at, rowid): the rowid, implicit in every index, breaks
@@ -25,6 +28,8 @@ CREATE TABLE IF NOT EXISTS agents (
   role TEXT NOT NULL,
   joined_at INTEGER NOT NULL,
   meta TEXT NOT NULL,
+  status TEXT NOT NULL DEFAULT 'active',
+  last_seen INTEGER NOT NULL,
   PRIMARY KEY (room_id, id)
 ) STRICT;
 
@@ -38,12 +43,20 @@ CREATE TABLE IF NOT EXISTS messages (
   to_agent TEXT,
   kind TEXT NOT NULL,
   body TEXT NOT NULL,
-  created_at INTEGER NOT NULL
+  created_at INTEGER NOT NULL,
+  reply_to INTEGER,
+  claimed_by TEXT,
+  claimed_at INTEGER,
+  lease_expires_at INTEGER
 ) STRICT;
 
 CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room_id, id);
 CREATE INDEX IF NOT EXISTS messages_by_room_kind ON messages (room_id, kind, id);
+CREATE INDEX IF NOT EXISTS messages_by_room_from ON messages (room_id, from_agent, id);
+CREATE INDEX IF NOT EXISTS messages_by_room_to ON messages (room_id, to_agent, id);
+CREATE INDEX IF NOT EXISTS messages_by_reply ON messages (reply_to) WHERE reply_to IS NOT NULL;
 
+-- An entry whose expires_at has passed reads as absent everywhere.
 CREATE TABLE IF NOT EXISTS state (
   room_id TEXT NOT NULL REFERENCES rooms (id) ON DELETE CASCADE,
   scope TEXT NOT NULL,
@@ -51,7 +64,58 @@ CREATE TABLE IF NOT EXISTS state (
   value TEXT NOT NULL,
   version INTEGER NOT NULL,
   updated_at INTEGER NOT NULL,
+  expires_at INTEGER,
   PRIMARY KEY (room_id, scope, key)
 ) STRICT, WITHOUT ROWID;
+
+CREATE INDEX IF NOT EXISTS state_expiring ON state (expires_at) WHERE expires_at IS NOT NULL;
+
+-- The first answer to each Idempotency-Key, replayed for repeats.
+CREATE TABLE IF NOT EXISTS idempotency (
+  room_id TEXT NOT NULL REFERENCES rooms (id) ON DELETE CASCADE,
+  key TEXT NOT NULL,
+  created_at INTEGER NOT NULL,
+  status INTEGER,
+  response TEXT,
+  PRIMARY KEY (room_id, key)
+) STRICT, WITHOUT ROWID;
+
+CREATE INDEX IF NOT EXISTS idempotency_by_age ON idempotency (created_at);
+
+-- Never holds a row: a batch inserts NULL here when a conditional write changed
+-- nothing, and the NOT NULL failure rolls the whole batch back.
+CREATE TABLE IF NOT EXISTS batch_guard (ok INTEGER NOT NULL) STRICT;
+
+CREATE TRIGGER IF NOT EXISTS messages_insert_rev AFTER INSERT ON messages BEGIN
+  UPDATE rooms SET rev = rev + 1 WHERE id = NEW.room_id;
+  UPDATE agents SET last_seen = NEW.created_at
+    WHERE room_id = NEW.room_id AND id = NEW.from_agent;
+END;
+
+CREATE TRIGGER IF NOT EXISTS messages_update_rev AFTER UPDATE ON messages BEGIN
+  UPDATE rooms SET rev = rev + 1 WHERE id = NEW.room_id;
+  UPDATE agents SET last_seen = NEW.claimed_at
+    WHERE room_id = NEW.room_id AND id = NEW.claimed_by;
+END;
+
+CREATE TRIGGER IF NOT EXISTS state_insert_rev AFTER INSERT ON state BEGIN
+  UPDATE rooms SET rev = rev + 1 WHERE id = NEW.room_id;
+END;
+
+CREATE TRIGGER IF NOT EXISTS state_update_rev AFTER UPDATE ON state BEGIN
+  UPDATE rooms SET rev = rev + 1 WHERE id = NEW.room_id;
+END;
+
+CREATE TRIGGER IF NOT EXISTS state_delete_rev AFTER DELETE ON state BEGIN
+  UPDATE rooms SET rev = rev + 1 WHERE id = OLD.room_id;
+END;
+
+CREATE TRIGGER IF NOT EXISTS agents_insert_rev AFTER INSERT ON agents BEGIN
+  UPDATE rooms SET rev = rev + 1 WHERE id = NEW.room_id;
+END;
+
+CREATE TRIGGER IF NOT EXISTS agents_update_rev AFTER UPDATE OF status ON agents BEGIN
+  UPDATE rooms SET rev = rev + 1 WHERE id = NEW.room_id;
+END;
 
 INSERT INTO schema_version (id, version) VALUES (1, 1) ON CONFLICT (id) DO NOTHING;

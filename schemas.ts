@@ -5,6 +5,7 @@
  */
 import type { Context, Env, MiddlewareHandler, ValidationTargets } from "hono";
 import { z } from "zod";
+import { STATUSES } from "./db.ts";
 import { ApiError } from "./errors.ts";
 
 // ---- building blocks ----
@@ -54,40 +55,165 @@ export const RegisterAgent = z.strictObject({
 });
 export type RegisterAgent = z.infer<typeof RegisterAgent>;
 
+export const Heartbeat = z.strictObject({
+  status: z.enum(STATUSES).optional(),
+});
+export type Heartbeat = z.infer<typeof Heartbeat>;
+
+/** A message id in a body. */
+const MessageId = z.number().int().min(1).max(Number.MAX_SAFE_INTEGER);
+
 export const PostMessage = z.strictObject({
   from: Id.nullable().optional(),
   to: Id.nullable().optional(),
   kind: Id.optional(),
   body: Json,
+  reply_to: MessageId.nullable().optional(),
 });
 export type PostMessage = z.infer<typeof PostMessage>;
 
-export const PutState = z.strictObject({
+/** Seconds of a lease or a TTL: above zero, at most 30 days. */
+const Seconds = z.number().positive().max(30 * 24 * 3600);
+
+export const Claim = z.strictObject({
+  agent: Id.optional(),
+  lease: Seconds.optional(),
+});
+export type Claim = z.infer<typeof Claim>;
+
+export const Release = z.strictObject({ agent: Id.optional() });
+export type Release = z.infer<typeof Release>;
+
+const Version = z.number().int().min(0).max(Number.MAX_SAFE_INTEGER);
+
+const WRITE_FIELDS = {
   scope: Id.optional(),
   key: Key,
-  value: Json,
-});
+  value: Json.optional(),
+  increment: z.union([z.literal(true), z.number()]).optional(),
+  merge: z.boolean().optional(),
+  ttl: Seconds.optional(),
+  if_version: Version.optional(),
+};
+
+type WriteFields = {
+  value?: unknown;
+  increment?: unknown;
+  merge?: boolean;
+  ttl?: number;
+  delete?: boolean;
+};
+
+/** A write takes exactly one of `value` or `increment`; `merge` goes with `value`. */
+function checkWrite(input: WriteFields, ctx: z.RefinementCtx): void {
+  const problem = (path: string, message: string) =>
+    ctx.addIssue({ code: "custom", path: [path], message });
+  if (input.delete) {
+    for (const field of ["value", "increment", "merge", "ttl"] as const) {
+      if (input[field] !== undefined) {
+        problem(field, "must not be given with delete");
+      }
+    }
+  } else if (input.value === undefined && input.increment === undefined) {
+    problem("value", "is required (or increment)");
+  } else if (input.value !== undefined && input.increment !== undefined) {
+    problem("increment", "must not be given with value");
+  } else if (input.merge && input.increment !== undefined) {
+    problem("merge", "applies a value; it cannot go with increment");
+  }
+}
+
+export const PutState = z.strictObject(WRITE_FIELDS).superRefine(checkWrite);
 export type PutState = z.infer<typeof PutState>;
 
-export const DeleteState = z.strictObject({ scope: Id.optional(), key: Key });
+export const DeleteState = z.strictObject({
+  scope: Id.optional(),
+  key: Key,
+  if_version: Version.optional(),
+});
 export type DeleteState = z.infer<typeof DeleteState>;
+
+/** The most operations one batch may hold. */
+export const MAX_BATCH = 100;
+
+export const BatchWrite = z.strictObject({
+  ...WRITE_FIELDS,
+  delete: z.literal(true).optional(),
+}).superRefine(checkWrite);
+export type BatchWrite = z.infer<typeof BatchWrite>;
+
+export const Batch = z.strictObject({
+  state: z.array(BatchWrite).optional(),
+  messages: z.array(PostMessage).optional(),
+}).superRefine((input, ctx) => {
+  const count = (input.state?.length ?? 0) + (input.messages?.length ?? 0);
+  if (count === 0 || count > MAX_BATCH) {
+    ctx.addIssue({
+      code: "custom",
+      path: [],
+      message: `A batch holds 1 to ${MAX_BATCH} operations, not ${count}`,
+    });
+  }
+});
+export type Batch = z.infer<typeof Batch>;
 
 // ---- query strings and paths ----
 
+/** Seconds to hold a long-poll: 0 to 50, fractions allowed. */
+const Wait = z.string().regex(/^\d{1,3}(\.\d{1,3})?$/, {
+  error: "must be a number of seconds",
+})
+  .transform(Number).pipe(z.number().max(50));
+
+/** A positive id in a query string. */
+const QueryId = Count.pipe(z.number().min(1));
+
 export const ListMessages = z.strictObject({
   after: Count.optional(),
-  kind: Id.optional(),
+  before: QueryId.optional(),
   limit: Count.pipe(z.number().min(1).max(1000)).optional(),
+  order: z.enum(["asc", "desc"]).optional(),
+  kind: z.string().transform((s) => s.split(",")).pipe(z.array(Id).max(50))
+    .optional(),
+  from: Id.optional(),
+  to: Id.optional(),
+  for: Id.optional(),
+  thread: QueryId.optional(),
+  unclaimed: z.enum(["true", "false"]).transform((s) => s === "true")
+    .optional(),
+  wait: Wait.optional(),
+  agent: Id.optional(),
 });
 export type ListMessages = z.infer<typeof ListMessages>;
 
 export const GetState = z.strictObject({
   scope: Id.optional(),
   key: Key.optional(),
+  after_version: Count.optional(),
+  wait: Wait.optional(),
+  agent: Id.optional(),
+}).superRefine((input, ctx) => {
+  if (
+    input.key === undefined &&
+    (input.after_version !== undefined || input.wait !== undefined)
+  ) {
+    ctx.addIssue({
+      code: "custom",
+      path: ["key"],
+      message: "is required to wait on a key (after_version, wait)",
+    });
+  }
 });
 export type GetState = z.infer<typeof GetState>;
 
-export const RoomPath = z.strictObject({ id: Id });
+export const GetContext = z.strictObject({
+  messages: Count.pipe(z.number().max(1000)).optional(),
+});
+
+export const GetStream = z.strictObject({
+  after: Count.optional(),
+  agent: Id.optional(),
+});
 
 export const ViewerQuery = z.strictObject({ room: Id.optional() });
 

@@ -1,0 +1,98 @@
+/**
+ * Change notification for long-polls and streams. A write publishes an event to the
+ * waiters of its room right after it commits (same process: no delay); a poller reads
+ * each watched room's `rev` once a second, so writes made by another instance sharing
+ * the database wake waiters here too.
+ */
+
+/** What changed in a room. `changed` means "something, on another instance". */
+export type RoomEvent =
+  | { type: "message"; message: { id: number } & Record<string, unknown> }
+  | { type: "claim"; message: { id: number } & Record<string, unknown> }
+  | {
+    type: "state";
+    scope: string;
+    key: string;
+    entry: Record<string, unknown> | null;
+  }
+  | { type: "agent"; agent: { id: string } & Record<string, unknown> }
+  | { type: "changed" };
+
+type Listener = (event: RoomEvent) => void;
+
+/** How often rooms with waiters are checked for writes by other instances (ms). */
+export const POLL_INTERVAL_MS = 1000;
+
+/** Fan-out of room events to in-process listeners, plus the cross-instance poller. */
+export class Notifier {
+  #listeners = new Map<string, Set<Listener>>();
+  #revs = new Map<string, number>();
+  #timer?: ReturnType<typeof setInterval>;
+  #polling = false;
+  readonly #readRevs: (rooms: string[]) => Promise<Map<string, number>>;
+
+  /** `readRevs` answers the current `rev` of each room it is given. */
+  constructor(readRevs: (rooms: string[]) => Promise<Map<string, number>>) {
+    this.#readRevs = readRevs;
+  }
+
+  /**
+   * Calls `listener` with every event of `room` until the returned function is called.
+   * `rev` is a revision of the room read before the caller's own check of the
+   * database, so a write by another instance after that read is not missed.
+   */
+  subscribe(room: string, rev: number, listener: Listener): () => void {
+    let set = this.#listeners.get(room);
+    if (!set) {
+      set = new Set();
+      this.#listeners.set(room, set);
+      if (!this.#revs.has(room)) this.#revs.set(room, rev);
+    }
+    set.add(listener);
+    this.#timer ??= setInterval(() => this.#poll(), POLL_INTERVAL_MS);
+    return () => {
+      set.delete(listener);
+      if (set.size > 0) return;
+      this.#listeners.delete(room);
+      this.#revs.delete(room);
+      if (this.#listeners.size === 0) this.stop();
+    };
+  }
+
+  /** Delivers an event to every listener of the room. */
+  publish(room: string, event: RoomEvent): void {
+    for (const listener of this.#listeners.get(room) ?? []) listener(event);
+  }
+
+  /** How many listeners are registered, in all rooms. */
+  get size(): number {
+    let n = 0;
+    for (const set of this.#listeners.values()) n += set.size;
+    return n;
+  }
+
+  /** Stops the poller (listeners stay registered). */
+  stop(): void {
+    clearInterval(this.#timer);
+    this.#timer = undefined;
+  }
+
+  async #poll(): Promise<void> {
+    if (this.#polling || this.#listeners.size === 0) return;
+    this.#polling = true;
+    try {
+      const revs = await this.#readRevs([...this.#listeners.keys()]);
+      for (const [room, rev] of revs) {
+        const known = this.#revs.get(room);
+        if (known === undefined || rev <= known) continue;
+        this.#revs.set(room, rev);
+        this.publish(room, { type: "changed" });
+      }
+    } catch (error) {
+      // The database may be briefly unreachable; the next tick tries again.
+      console.error("notify: cannot poll for changes:", error);
+    } finally {
+      this.#polling = false;
+    }
+  }
+}

@@ -1,0 +1,184 @@
+/**
+ * Long-polls: a GET that finds nothing yet is held until a write wakes it (see
+ * notify.ts) or its time is up, and an agent held that way shows as `waiting`.
+ */
+import {
+  type Db,
+  getAgent,
+  getState,
+  listMessages,
+  type Message,
+  type MessageFilter,
+  roomRev,
+  type StateEntry,
+  type Status,
+  touchAgent,
+} from "./db.ts";
+import type { Notifier, RoomEvent } from "./notify.ts";
+
+/**
+ * Long-poll: runs `check` until it returns a value, an event for which `wakes` is true
+ * having arrived in between, or until `ms` pass or `signal` aborts; then returns the
+ * last check's result. The listener is registered before each check, so no write can
+ * slip between the check and the wait.
+ */
+export async function waitFor<T>(options: {
+  notifier: Notifier;
+  room: string;
+  rev: number;
+  ms: number;
+  signal?: AbortSignal;
+  check: () => Promise<T | undefined>;
+  wakes: (event: RoomEvent) => boolean;
+}): Promise<T | undefined> {
+  const { notifier, room, rev, signal, check, wakes } = options;
+  const deadline = Date.now() + options.ms;
+  for (;;) {
+    const woke = Promise.withResolvers<void>();
+    const unsubscribe = notifier.subscribe(room, rev, (event) => {
+      if (wakes(event)) woke.resolve();
+    });
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const abort = () => woke.resolve();
+    try {
+      const result = await check();
+      const remaining = deadline - Date.now();
+      if (result !== undefined || remaining <= 0 || signal?.aborted) {
+        return result;
+      }
+      timer = setTimeout(abort, remaining);
+      signal?.addEventListener("abort", abort, { once: true });
+      await woke.promise;
+    } finally {
+      clearTimeout(timer);
+      signal?.removeEventListener("abort", abort);
+      unsubscribe();
+    }
+    if (Date.now() >= deadline || signal?.aborted) return await check();
+  }
+}
+
+/** Could this event add a message that the filter selects? (The database decides.) */
+function mayMatch(filter: MessageFilter, event: RoomEvent): boolean {
+  if (event.type === "changed") return true;
+  if (event.type === "claim") return filter.unclaimed !== undefined;
+  if (event.type !== "message") return false;
+  const m = event.message as unknown as Message;
+  if (filter.kinds !== undefined && !filter.kinds.includes(m.kind)) {
+    return false;
+  }
+  if (filter.from !== undefined && m.from_agent !== filter.from) return false;
+  if (filter.to !== undefined && m.to_agent !== filter.to) return false;
+  if (
+    filter.for !== undefined && m.to_agent !== null && m.to_agent !== filter.for
+  ) return false;
+  if (
+    filter.thread !== undefined && m.id !== filter.thread && m.reply_to === null
+  ) return false;
+  return true;
+}
+
+/** Messages matching the filter; with `seconds`, held until there are some. */
+export async function waitForMessages(
+  db: Db,
+  roomId: string,
+  filter: MessageFilter,
+  seconds: number,
+  signal?: AbortSignal,
+): Promise<Message[]> {
+  if (seconds <= 0) return listMessages(db, roomId, filter);
+  const found = await waitFor({
+    notifier: db.notifier,
+    room: roomId,
+    rev: await roomRev(db, roomId),
+    ms: seconds * 1000,
+    signal,
+    check: async () => {
+      const page = await listMessages(db, roomId, filter);
+      return page.length > 0 ? page : undefined;
+    },
+    wakes: (event) => mayMatch(filter, event),
+  });
+  return found ?? [];
+}
+
+/**
+ * One state entry once its version is above `afterVersion`, or once it is gone (when
+ * `afterVersion` > 0); after `seconds` without either, the entry as it is.
+ */
+export async function waitForState(
+  db: Db,
+  roomId: string,
+  scope: string,
+  key: string,
+  afterVersion: number,
+  seconds: number,
+  signal?: AbortSignal,
+): Promise<StateEntry | null> {
+  const changed = async () => {
+    const entry = await getState(db, roomId, scope, key);
+    if (entry === null) return afterVersion > 0 ? { entry } : undefined;
+    return entry.version > afterVersion ? { entry } : undefined;
+  };
+  const found = await waitFor({
+    notifier: db.notifier,
+    room: roomId,
+    rev: await roomRev(db, roomId),
+    ms: seconds * 1000,
+    signal,
+    check: changed,
+    wakes: (event) =>
+      event.type === "changed" ||
+      (event.type === "state" && event.scope === scope && event.key === key),
+  });
+  return found ? found.entry : await getState(db, roomId, scope, key);
+}
+
+type Held = { count: number; previous: Status; shown: Promise<boolean> };
+const held = new WeakMap<Db, Map<string, Held>>();
+
+/**
+ * Runs `fn` with the agent shown as `waiting` (when it is registered), then puts back
+ * the status it had. Overlapping waits of one agent share one `waiting` spell.
+ */
+export async function whileWaiting<T>(
+  db: Db,
+  roomId: string,
+  agentId: string | undefined,
+  fn: () => Promise<T>,
+): Promise<T> {
+  if (agentId === undefined) return fn();
+  let spells = held.get(db);
+  if (!spells) held.set(db, spells = new Map());
+  const id = `${roomId}\n${agentId}`;
+  let spell = spells.get(id);
+  if (!spell) {
+    const created: Held = {
+      count: 0,
+      previous: "active",
+      shown: Promise.resolve(false),
+    };
+    created.shown = (async () => {
+      const agent = await getAgent(db, roomId, agentId);
+      if (!agent) return false;
+      if (agent.status !== "waiting") created.previous = agent.status;
+      await touchAgent(db, roomId, agentId, "waiting");
+      return true;
+    })();
+    spells.set(id, spell = created);
+  }
+  spell.count++;
+  try {
+    await spell.shown;
+    return await fn();
+  } finally {
+    if (--spell.count === 0) {
+      spells.delete(id);
+      if (await spell.shown) {
+        await touchAgent(db, roomId, agentId, spell.previous).catch((error) =>
+          console.error("waiting: cannot restore presence:", error)
+        );
+      }
+    }
+  }
+}

@@ -300,3 +300,240 @@ Deno.test("a database that cannot be opened stops the start with one clear line"
     /^sync: cannot open the database at file:\/nonexistent-dir\/sync\.db: /,
   );
 });
+
+/** Milliseconds at percentile p of sorted samples. */
+function percentile(sorted: number[], p: number): number {
+  return sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * p))];
+}
+
+Deno.test("a long-poll is held, woken within milliseconds by a write, and times out near the asked time", async () => {
+  await withTempDir(async (dir) => {
+    const server = await start({ DATABASE_URL: `file:${dir}/sync.db` });
+    const base = server.url;
+    try {
+      await call(base, "POST", "/rooms", 201, { id: "r" });
+      // Timeout: an empty wait of 1 s answers [] after about 1 s.
+      let t0 = performance.now();
+      assert.deepEqual(
+        await call(base, "GET", "/rooms/r/messages?wait=1", 200),
+        [],
+      );
+      const held = performance.now() - t0;
+      assert.ok(held >= 950 && held < 2000, `held ${held} ms for wait=1`);
+      // Wake: 30 rounds of waiter, then write; the waiter answers with that message.
+      const samples: number[] = [];
+      let after = 0;
+      for (let i = 0; i < 30; i++) {
+        const waiter = fetch(`${base}/rooms/r/messages?after=${after}&wait=10`)
+          .then((r) => r.json());
+        await new Promise((resolve) => setTimeout(resolve, 20));
+        t0 = performance.now();
+        const posted = (await call(base, "POST", "/rooms/r/messages", 201, {
+          body: i,
+        })) as Message;
+        const woke = (await waiter) as Message[];
+        samples.push(performance.now() - t0);
+        assert.deepEqual(woke.map((m) => m.id), [posted.id]);
+        after = posted.id;
+      }
+      samples.sort((a, b) => a - b);
+      console.log(
+        `same-process wake (write sent → waiter answered), 30 samples: p50 ${
+          percentile(samples, 0.5).toFixed(1)
+        } ms, max ${samples.at(-1)!.toFixed(1)} ms`,
+      );
+      assert.ok(
+        percentile(samples, 0.5) < 100,
+        "woken by the write, not by a timer",
+      );
+    } finally {
+      await server.stop();
+    }
+  });
+});
+
+/** Reads SSE events from a response until `count` events arrived. */
+async function readEvents(res: Response, count: number) {
+  const events: { event: string; id?: string; data: unknown }[] = [];
+  const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  while (events.length < count) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const fields = Object.fromEntries(
+        block.split("\n").filter((l) => !l.startsWith(":")).map((l) => {
+          const i = l.indexOf(":");
+          return [l.slice(0, i), l.slice(i + 1).trimStart()];
+        }),
+      );
+      if (fields.data !== undefined) {
+        events.push({
+          event: fields.event ?? "message",
+          id: fields.id,
+          data: JSON.parse(fields.data),
+        });
+      }
+    }
+  }
+  await reader.cancel();
+  return events;
+}
+
+Deno.test("the SSE stream sends messages in order and Last-Event-ID resumes with no gap or duplicate", async () => {
+  await withTempDir(async (dir) => {
+    const server = await start({ DATABASE_URL: `file:${dir}/sync.db` });
+    const base = server.url;
+    try {
+      await call(base, "POST", "/rooms", 201, { id: "r" });
+      for (let i = 1; i <= 3; i++) {
+        await call(base, "POST", "/rooms/r/messages", 201, { body: i });
+      }
+      const res = await fetch(`${base}/rooms/r/stream?after=1`);
+      assert.equal(res.headers.get("content-type"), "text/event-stream");
+      assert.equal(res.headers.get("x-accel-buffering"), "no");
+      const live = (async () => {
+        await new Promise((resolve) => setTimeout(resolve, 100));
+        await call(base, "POST", "/rooms/r/messages", 201, { body: 4 });
+      })();
+      const first = await readEvents(res, 3);
+      await live;
+      assert.deepEqual(first.map((e) => [e.event, e.id]), [["message", "2"], [
+        "message",
+        "3",
+      ], [
+        "message",
+        "4",
+      ]]);
+      // The client "drops" after id 3 and resumes: it gets 4, then 5 posted later.
+      await call(base, "POST", "/rooms/r/messages", 201, { body: 5 });
+      const resumed = await fetch(`${base}/rooms/r/stream`, {
+        headers: { "last-event-id": "3" },
+      });
+      const next = await readEvents(resumed, 2);
+      assert.deepEqual(next.map((e) => [e.id, (e.data as Message).body]), [[
+        "4",
+        4,
+      ], ["5", 5]]);
+    } finally {
+      await server.stop();
+    }
+  });
+});
+
+Deno.test("two instances on one database file: waiters are woken across them, CAS and claims stay exclusive", async () => {
+  await withTempDir(async (dir) => {
+    const env = { DATABASE_URL: `file:${dir}/sync.db` };
+    const a = await start(env);
+    const b = await start(env);
+    try {
+      await call(a.url, "POST", "/rooms", 201, { id: "r" });
+      await call(b.url, "POST", "/rooms", 200, { id: "r" });
+      // A waiter on A, a write on B.
+      const samples: number[] = [];
+      let after = 0;
+      for (let i = 0; i < 5; i++) {
+        const waiter = fetch(`${a.url}/rooms/r/messages?after=${after}&wait=10`)
+          .then((r) => r.json());
+        await new Promise((resolve) => setTimeout(resolve, 50));
+        const t0 = performance.now();
+        const posted = (await call(b.url, "POST", "/rooms/r/messages", 201, {
+          body: i,
+        })) as Message;
+        const woke = (await waiter) as Message[];
+        samples.push(performance.now() - t0);
+        assert.deepEqual(woke.map((m) => m.id), [posted.id]);
+        after = posted.id;
+      }
+      samples.sort((x, y) => x - y);
+      console.log(
+        `cross-instance wake, 5 samples: p50 ${
+          percentile(samples, 0.5).toFixed(0)
+        } ms, max ${samples.at(-1)!.toFixed(0)} ms`,
+      );
+      assert.ok(samples.at(-1)! < 2000, "woken within about a second");
+      // A state waiter on B, a write on A.
+      await call(a.url, "PUT", "/rooms/r/state", 200, {
+        key: "turn",
+        value: "a",
+      });
+      const stateWaiter = fetch(
+        `${b.url}/rooms/r/state?key=turn&after_version=1&wait=10`,
+      ).then((r) => r.json());
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      await call(a.url, "PUT", "/rooms/r/state", 200, {
+        key: "turn",
+        value: "b",
+      });
+      assert.equal((await stateWaiter).value, "b");
+
+      // 20 CAS writers split over both instances: exactly one wins.
+      await call(a.url, "PUT", "/rooms/r/state", 200, {
+        key: "lock",
+        value: "free",
+      });
+      const writers = await Promise.all(
+        Array.from(
+          { length: 20 },
+          (_, i) =>
+            fetch(`${i % 2 ? a.url : b.url}/rooms/r/state`, {
+              method: "PUT",
+              headers: { "content-type": "application/json" },
+              body: JSON.stringify({
+                key: "lock",
+                value: `w${i}`,
+                if_version: 1,
+              }),
+            }).then(async (r) => ({ status: r.status, body: await r.json() })),
+        ),
+      );
+      assert.equal(writers.filter((w) => w.status === 200).length, 1);
+      assert.equal(writers.filter((w) => w.status === 409).length, 19);
+      // 20 claimers of one task split over both instances: exactly one holds it.
+      const task = (await call(a.url, "POST", "/rooms/r/messages", 201, {
+        kind: "task",
+        body: "t",
+      })) as Message;
+      const claims = await Promise.all(
+        Array.from(
+          { length: 20 },
+          (_, i) =>
+            fetch(
+              `${i % 2 ? a.url : b.url}/rooms/r/messages/${task.id}/claim`,
+              {
+                method: "POST",
+                headers: { "content-type": "application/json" },
+                body: JSON.stringify({ agent: `w${i}` }),
+              },
+            ).then(async (r) => ({ status: r.status, body: await r.json() })),
+        ),
+      );
+      assert.equal(claims.filter((c) => c.status === 200).length, 1);
+      assert.equal(claims.filter((c) => c.status === 409).length, 19);
+      // 40 increments split over both instances add exactly 40.
+      await Promise.all(
+        Array.from(
+          { length: 40 },
+          (_, i) =>
+            call(i % 2 ? a.url : b.url, "PUT", "/rooms/r/state", 200, {
+              key: "n",
+              increment: true,
+            }),
+        ),
+      );
+      assert.equal(
+        ((await call(b.url, "GET", "/rooms/r/state?key=n", 200)) as {
+          value: number;
+        }).value,
+        40,
+      );
+    } finally {
+      await a.stop();
+      await b.stop();
+    }
+  });
+});

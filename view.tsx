@@ -27,6 +27,9 @@ ol.messages li { border-bottom: 1px solid var(--line); padding: .4rem 0; }
 .from { font-weight: 600; }
 #status { float: right; }
 #status.live { color: #2a2; } #status.down { color: #c33; }
+li.reply { margin-left: 1.5rem; }
+.claim { color: #b60; }
+.status.waiting { color: #2a7ae2; } .status.busy { color: #b60; } .status.done { color: var(--muted); }
 `;
 
 function Layout(props: { title: string; children: Child }) {
@@ -88,15 +91,32 @@ function clock(iso: string): string {
 // The markup of MessageItem, AgentRow and StateRow is built again by the page script
 // (VIEWER_SCRIPT) for live updates: change them together.
 
+/** "3s", "4m", "2h": how long ago, for presence. */
+function ago(ms: number): string {
+  if (ms < 60_000) return `${Math.floor(ms / 1000)}s`;
+  if (ms < 3_600_000) return `${Math.floor(ms / 60_000)}m`;
+  return `${Math.floor(ms / 3_600_000)}h`;
+}
+
 function MessageItem({ m }: { m: Message }) {
   return (
-    <li id={`m-${m.id}`}>
+    <li id={`m-${m.id}`} class={m.reply_to === null ? "" : "reply"}>
       <div class="head">
         <span class="muted mono">#{m.id}</span>
         <span class="kind">{m.kind}</span>
         <span class="from">{m.from_agent ?? "anonymous"}</span>
         <span class="muted">→</span>
         <span class="to">{m.to_agent ?? "everyone"}</span>
+        {m.reply_to === null
+          ? ""
+          : <a class="muted" href={`#m-${m.reply_to}`}>↳ #{m.reply_to}</a>}
+        <span class="claim">
+          {m.claimed_by === null
+            ? ""
+            : `claimed by ${m.claimed_by}${
+              m.lease_expires_at ? ` until ${clock(m.lease_expires_at)}` : ""
+            }`}
+        </span>
         <time class="muted" datetime={m.created_at} title={m.created_at}>
           {clock(m.created_at)}
         </time>
@@ -108,11 +128,16 @@ function MessageItem({ m }: { m: Message }) {
 
 function AgentRow({ a }: { a: Agent }) {
   return (
-    <tr>
+    <tr id={`a-${a.id}`}>
       <td class="mono">{a.id}</td>
       <td>{a.name}</td>
       <td>{a.role}</td>
-      <td class="muted" title={a.joined_at}>{clock(a.joined_at)}</td>
+      <td>
+        <span class={`status ${a.status}`}>{a.status}</span>
+      </td>
+      <td class="muted seen" data-seen={a.last_seen} title={a.last_seen}>
+        {ago(a.idle_ms)}
+      </td>
     </tr>
   );
 }
@@ -125,14 +150,18 @@ function StateRow({ s }: { s: StateEntry }) {
       <td>
         <pre>{show(s.value)}</pre>
       </td>
-      <td class="mono">v{s.version}</td>
+      <td class="mono" title={s.expires_at ? `expires ${s.expires_at}` : ""}>
+        v{s.version}
+        {s.expires_at ? " ⏱" : ""}
+      </td>
     </tr>
   );
 }
 
 /**
- * The live viewer: renders the room now, then keeps it current by calling the same
- * JSON endpoints agents use (`GET …/messages?after=<last id>`, agents, state).
+ * The live viewer: renders the room now, then keeps it current from the room's event
+ * stream (`GET /rooms/:id/stream`), the same endpoint agents use, resuming after the
+ * last message it has.
  */
 export function RoomPage(props: {
   room: Room;
@@ -178,7 +207,8 @@ export function RoomPage(props: {
                 <th>id</th>
                 <th>name</th>
                 <th>role</th>
-                <th>joined</th>
+                <th>status</th>
+                <th>seen</th>
               </tr>
             </thead>
             <tbody id="agents">
@@ -207,7 +237,10 @@ export function RoomPage(props: {
   );
 }
 
-/** Polls once a second (less often in a hidden tab); renders with textContent only. */
+/**
+ * Follows the room's event stream with fetch (so a token can later travel in a header)
+ * and renders each event with textContent only; reconnects with Last-Event-ID.
+ */
 const VIEWER_SCRIPT = `
 "use strict";
 const data = JSON.parse(document.getElementById("room-data").textContent);
@@ -223,30 +256,76 @@ function el(tag, attrs, ...children) {
 }
 const show = (v) => typeof v === "string" ? v : JSON.stringify(v, null, 2);
 const clock = (iso) => iso.slice(11, 19);
+function ago(ms) {
+  if (ms < 60000) return Math.floor(ms / 1000) + "s";
+  if (ms < 3600000) return Math.floor(ms / 60000) + "m";
+  return Math.floor(ms / 3600000) + "h";
+}
+const claimText = (m) => m.claimed_by === null ? "" :
+  "claimed by " + m.claimed_by + (m.lease_expires_at ? " until " + clock(m.lease_expires_at) : "");
 
 function messageItem(m) {
-  return el("li", { id: "m-" + m.id },
-    el("div", { class: "head" },
-      el("span", { class: "muted mono" }, "#" + m.id),
-      el("span", { class: "kind" }, m.kind),
-      el("span", { class: "from" }, m.from_agent ?? "anonymous"),
-      el("span", { class: "muted" }, "→"),
-      el("span", { class: "to" }, m.to_agent ?? "everyone"),
-      el("time", { class: "muted", datetime: m.created_at, title: m.created_at }, clock(m.created_at))),
-    el("pre", {}, show(m.body)));
+  const head = el("div", { class: "head" },
+    el("span", { class: "muted mono" }, "#" + m.id),
+    el("span", { class: "kind" }, m.kind),
+    el("span", { class: "from" }, m.from_agent ?? "anonymous"),
+    el("span", { class: "muted" }, "→"),
+    el("span", { class: "to" }, m.to_agent ?? "everyone"));
+  if (m.reply_to !== null) head.append(el("a", { class: "muted", href: "#m-" + m.reply_to }, "↳ #" + m.reply_to));
+  head.append(el("span", { class: "claim" }, claimText(m)),
+    el("time", { class: "muted", datetime: m.created_at, title: m.created_at }, clock(m.created_at)));
+  return el("li", { id: "m-" + m.id, class: m.reply_to === null ? "" : "reply" }, head, el("pre", {}, show(m.body)));
 }
-const agentRow = (a) => el("tr", {},
+const agentRow = (a) => el("tr", { id: "a-" + a.id },
   el("td", { class: "mono" }, a.id), el("td", {}, a.name), el("td", {}, a.role),
-  el("td", { class: "muted", title: a.joined_at }, clock(a.joined_at)));
-const stateRow = (s) => el("tr", {},
-  el("td", { class: "mono" }, s.scope), el("td", { class: "mono" }, s.key),
-  el("td", {}, el("pre", {}, show(s.value))), el("td", { class: "mono" }, "v" + s.version));
-
-async function getJson(path) {
-  const res = await fetch(base + path, { headers: { accept: "application/json" } });
-  if (!res.ok) throw new Error(res.status + " " + path);
-  return res.json();
+  el("td", {}, el("span", { class: "status " + a.status }, a.status)),
+  el("td", { class: "muted seen", "data-seen": a.last_seen, title: a.last_seen }, ago(a.idle_ms)));
+function stateRow(s) {
+  const version = el("td", { class: "mono", title: s.expires_at ? "expires " + s.expires_at : "" }, "v" + s.version);
+  if (s.expires_at) version.append(" ⏱");
+  return el("tr", { "data-key": s.scope + "\\n" + s.key },
+    el("td", { class: "mono" }, s.scope), el("td", { class: "mono" }, s.key),
+    el("td", {}, el("pre", {}, show(s.value))), version);
 }
+
+function onMessage(m) {
+  if (m.id <= after) return;
+  after = m.id;
+  const list = document.getElementById("messages");
+  const nearBottom = innerHeight + scrollY >= document.body.scrollHeight - 40;
+  list.append(messageItem(m));
+  while (list.children.length > MAX_SHOWN) list.firstElementChild.remove();
+  if (nearBottom) scrollTo(0, document.body.scrollHeight);
+}
+function onClaim(m) {
+  const item = document.getElementById("m-" + m.id);
+  if (item) item.querySelector(".claim").textContent = claimText(m);
+}
+function onAgent(a) {
+  const row = agentRow(a);
+  const old = document.getElementById("a-" + a.id);
+  if (old) old.replaceWith(row); else document.getElementById("agents").append(row);
+}
+function onState(s) {
+  const body = document.getElementById("state");
+  const id = s.scope + "\\n" + s.key;
+  const old = [...body.children].find((row) => row.dataset.key === id);
+  if (s.deleted) return old && old.remove();
+  const row = stateRow(s);
+  if (old) return old.replaceWith(row);
+  const next = [...body.children].find((r) => r.dataset.key > id);
+  body.insertBefore(row, next || null);
+}
+// Server-rendered state rows get their keys for onState.
+for (const row of document.getElementById("state").children) {
+  row.dataset.key = row.children[0].textContent + "\\n" + row.children[1].textContent;
+}
+// Presence ages tick locally; the server is not asked again for them.
+setInterval(() => {
+  for (const cell of document.querySelectorAll(".seen")) {
+    cell.textContent = ago(Date.now() - Date.parse(cell.dataset.seen));
+  }
+}, 5000);
 
 function setStatus(text, cls) {
   const node = document.getElementById("status");
@@ -254,28 +333,42 @@ function setStatus(text, cls) {
   node.className = cls;
 }
 
-async function tick() {
-  try {
-    const list = document.getElementById("messages");
-    for (;;) {
-      const page = await getJson("/messages?limit=1000&after=" + after);
-      const nearBottom = innerHeight + scrollY >= document.body.scrollHeight - 40;
-      for (const m of page) list.append(messageItem(m));
-      while (list.children.length > MAX_SHOWN) list.firstElementChild.remove();
-      if (page.length > 0) {
-        after = page[page.length - 1].id;
-        if (nearBottom) scrollTo(0, document.body.scrollHeight);
+const handlers = { message: onMessage, claim: onClaim, agent: onAgent, state: onState };
+
+async function follow() {
+  const res = await fetch(base + "/stream?after=" + after, { headers: { accept: "text/event-stream" } });
+  if (!res.ok || !res.body) throw new Error("stream answered " + res.status);
+  setStatus("live", "live");
+  const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\\n\\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let event = "message", payload = "";
+      for (const line of block.split("\\n")) {
+        if (line.startsWith("event:")) event = line.slice(6).trim();
+        else if (line.startsWith("data:")) payload += line.slice(5).trimStart();
       }
-      if (page.length < 1000) break;
+      if (payload && handlers[event]) handlers[event](JSON.parse(payload));
     }
-    const [agents, state] = await Promise.all([getJson("/agents"), getJson("/state")]);
-    document.getElementById("agents").replaceChildren(...agents.map(agentRow));
-    document.getElementById("state").replaceChildren(...state.map(stateRow));
-    setStatus("live", "live");
-  } catch (error) {
-    setStatus("reconnecting…", "down");
   }
-  setTimeout(tick, document.hidden ? 5000 : 1000);
 }
-setTimeout(tick, 1000);
+
+(async () => {
+  for (let delay = 500;; delay = Math.min(delay * 2, 10000)) {
+    try {
+      await follow();
+      delay = 250;
+    } catch (error) {
+      console.warn(error);
+    }
+    setStatus("reconnecting…", "down");
+    await new Promise((resolve) => setTimeout(resolve, delay));
+  }
+})();
 `;

@@ -482,13 +482,26 @@ export async function insertMessage(
   const now = Date.now();
   const insert = insertMessageStatement(roomId, message, now);
   const client = await db.client();
-  const rows = idempotencyKey === undefined
-    ? (await client.execute(insert)).rows
-    : (await client.batch([
+  let rows: Row[];
+  if (idempotencyKey === undefined) {
+    rows = (await client.execute(insert)).rows;
+  } else {
+    // A reply to a missing message must not leave the key taken: the guard rolls back.
+    const stmts = [
       ...takeKeyStatements(roomId, idempotencyKey, now),
       insert,
-    ], "write"))
-      .at(-1)!.rows;
+      GUARD,
+    ];
+    try {
+      rows = (await client.batch(stmts, "write"))[stmts.length - 2].rows;
+    } catch (error) {
+      if (
+        error instanceof LibsqlBatchError &&
+        error.statementIndex === stmts.length - 1
+      ) return null;
+      throw error;
+    }
+  }
   if (rows.length === 0) return null;
   const inserted = toMessage(rows[0], now);
   db.notifier.publish(roomId, { type: "message", message: inserted });

@@ -86,12 +86,22 @@ const MAX_BODY_BYTES = envInt("MAX_BODY_BYTES", 256 * 1024);
 /** Messages the viewer renders on first load; later ones arrive live. */
 const VIEWER_MESSAGES = 200;
 
-/** What `createApp` needs: the database, and limits tests may lower. */
-export type AppOptions = { db: Db; maxBodyBytes?: number };
+/**
+ * What `createApp` needs: the database; `shutdown`, which ends long-polls and streams
+ * when the process drains; and limits tests may lower.
+ */
+export type AppOptions = {
+  db: Db;
+  shutdown?: AbortSignal;
+  maxBodyBytes?: number;
+};
 
 /** Builds the service around one database. */
 export function createApp(options: AppOptions) {
-  const { db } = options;
+  const { db, shutdown } = options;
+  /** Aborts when the client goes away or the process drains. */
+  const ending = (c: Context) =>
+    shutdown ? AbortSignal.any([c.req.raw.signal, shutdown]) : c.req.raw.signal;
   const maxBodyBytes = options.maxBodyBytes ?? MAX_BODY_BYTES;
 
   /** Loads the room named in the path into `c.var.room`, or answers 404. */
@@ -237,7 +247,7 @@ export function createApp(options: AppOptions) {
       const after = resume === undefined
         ? c.req.valid("query").after ?? 0
         : parse(LastEventId, resume, "Last-Event-ID header");
-      return streamRoom(c, db, c.var.room.id, after);
+      return streamRoom(c, db, c.var.room.id, after, shutdown);
     })
     // ---- agents ----
     .post("/rooms/:id/agents", inRoom, body(RegisterAgent), async (c) => {
@@ -311,8 +321,7 @@ export function createApp(options: AppOptions) {
         db,
         roomId,
         q.wait ? q.agent : undefined,
-        () =>
-          waitForMessages(db, roomId, filter, q.wait ?? 0, c.req.raw.signal),
+        () => waitForMessages(db, roomId, filter, q.wait ?? 0, ending(c)),
       );
       return c.json(messages);
     })
@@ -373,7 +382,7 @@ export function createApp(options: AppOptions) {
             key,
             after_version ?? 0,
             wait ?? 0,
-            c.req.raw.signal,
+            ending(c),
           ),
       );
       if (!entry) {
@@ -557,8 +566,11 @@ export type AppType = ReturnType<typeof createApp>;
 /** The database named by `DATABASE_URL`; opened on the first request. */
 export const db = new Db({ url: DATABASE_URL, authToken: DATABASE_AUTH_TOKEN });
 
+/** Aborted when SIGTERM starts the drain, to end long-polls and streams at once. */
+const draining = new AbortController();
+
 /** The service on that database (tests build their own with `createApp`). */
-export const app = createApp({ db });
+export const app = createApp({ db, shutdown: draining.signal });
 
 export default app.fetch;
 
@@ -573,5 +585,10 @@ if (import.meta.main) {
     );
     Deno.exit(1);
   }
-  serve(app.fetch, { db, port: PORT, hostname: HOST });
+  serve(app.fetch, {
+    db,
+    port: PORT,
+    hostname: HOST,
+    onDrain: () => draining.abort(),
+  });
 }

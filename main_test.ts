@@ -7,6 +7,7 @@ import { hc } from "hono/client";
 import type { InArgs, InStatement } from "@libsql/client";
 import { Db, schemaVersion } from "./db.ts";
 import { type AppType, createApp } from "./main.ts";
+import { freshDb } from "./testing.ts";
 
 type Reply = { status: number; body: unknown; headers: Headers };
 type Call = (
@@ -45,12 +46,12 @@ function test(
   options: { maxBodyBytes?: number } = {},
 ) {
   Deno.test(name, async () => {
-    const db = new Db({ url: ":memory:" });
+    const { db, close } = await freshDb();
     const app = createApp({ db, ...options });
     try {
       await fn({ app, db, call: caller(app) });
     } finally {
-      db.close();
+      await close();
     }
   });
 }

@@ -4,18 +4,14 @@
  * each watched room's `rev` once a second, so writes made by another instance sharing
  * the database wake waiters here too.
  */
+import type { Agent, Message, StateEntry } from "./db.ts";
 
 /** What changed in a room. `changed` means "something, on another instance". */
 export type RoomEvent =
-  | { type: "message"; message: { id: number } & Record<string, unknown> }
-  | { type: "claim"; message: { id: number } & Record<string, unknown> }
-  | {
-    type: "state";
-    scope: string;
-    key: string;
-    entry: Record<string, unknown> | null;
-  }
-  | { type: "agent"; agent: { id: string } & Record<string, unknown> }
+  | { type: "message"; message: Message }
+  | { type: "claim"; message: Message }
+  | { type: "state"; scope: string; key: string; entry: StateEntry | null }
+  | { type: "agent"; agent: Agent }
   | { type: "changed" };
 
 type Listener = (event: RoomEvent) => void;

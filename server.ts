@@ -1,6 +1,7 @@
 /**
  * Runs the app as a process: listens, and on SIGTERM or SIGINT drains (refuses new
- * requests, lets the ones in flight finish), closes the database and exits.
+ * requests, ends long-polls and streams through `onDrain`, lets the requests in flight
+ * finish), closes the database and exits.
  */
 import type { Db } from "./db.ts";
 
@@ -15,7 +16,7 @@ type Fetch = (
 /** Serves `fetch` on `hostname:port` until a signal drains and stops it. */
 export function serve(
   fetch: Fetch,
-  options: { db: Db; port: number; hostname: string },
+  options: { db: Db; port: number; hostname: string; onDrain?: () => void },
 ): Deno.HttpServer {
   let inFlight = 0;
   let draining = false;
@@ -51,6 +52,7 @@ export function serve(
   const stop = async () => {
     if (draining) return;
     draining = true;
+    options.onDrain?.();
     if (inFlight === 0) drained.resolve();
     await Promise.race([
       drained.promise,

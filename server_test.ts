@@ -537,3 +537,42 @@ Deno.test("two instances on one database file: waiters are woken across them, CA
     }
   });
 });
+
+Deno.test("SIGTERM ends open long-polls and streams at once and exits within a few seconds", async () => {
+  await withTempDir(async (dir) => {
+    const server = await start({ DATABASE_URL: `file:${dir}/sync.db` });
+    const base = server.url;
+    await call(base, "POST", "/rooms", 201, { id: "r" });
+    await call(base, "PUT", "/rooms/r/state", 200, { key: "k", value: 1 });
+    const polls = Array.from(
+      { length: 5 },
+      () =>
+        fetch(`${base}/rooms/r/messages?wait=50`).then(async (
+          r,
+        ) => [r.status, await r.json()]),
+    );
+    const stateWait = fetch(
+      `${base}/rooms/r/state?key=k&after_version=1&wait=50`,
+    ).then(async (
+      r,
+    ) => [r.status, await r.json()]);
+    const stream = await fetch(`${base}/rooms/r/stream`);
+    const streamText = stream.text();
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    const t0 = performance.now();
+    const status = await server.stop("SIGTERM");
+    const took = performance.now() - t0;
+    assert.equal(status.code, 0);
+    assert.ok(took < 3000, `exited after ${took} ms`);
+    for (const poll of await Promise.all(polls)) {
+      assert.deepEqual(poll, [200, []]);
+    }
+    const [code, entry] = await stateWait;
+    assert.equal(code, 200);
+    assert.equal((entry as { version: number }).version, 1);
+    assert.ok(
+      (await streamText).includes("event: state"),
+      "the stream ended cleanly",
+    );
+  });
+});

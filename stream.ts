@@ -14,12 +14,13 @@ export const KEEPALIVE_MS = 15_000;
 /** Messages read from the database per step while catching up. */
 const PAGE = 500;
 
-/** Streams room `roomId` from message id `after` until the client goes away. */
+/** Streams room `roomId` from message id `after` until the client goes away or `stop` aborts. */
 export function streamRoom(
   c: Context,
   db: Db,
   roomId: string,
   after: number,
+  stop?: AbortSignal,
 ): Response {
   c.header("X-Accel-Buffering", "no");
   return streamSSE(c, async (stream) => {
@@ -37,6 +38,10 @@ export function streamRoom(
       stream.write(": keepalive\n\n").catch(() => wake.resolve());
     }, KEEPALIVE_MS);
     stream.onAbort(() => wake.resolve());
+    const ended = () =>
+      stream.aborted || stream.closed || stop?.aborted === true;
+    const onStop = () => wake.resolve();
+    stop?.addEventListener("abort", onStop);
 
     let cursor = after;
     /** Sends every message above the cursor, in id order, from the database. */
@@ -60,7 +65,11 @@ export function streamRoom(
     };
     // What was last sent of each key and agent, to send only changes after a
     // `changed` event (a write on another instance, which carries no details).
-    const versions = new Map<string, number>();
+    // Stamps compare as text: the entry's time, then its version (a key rewritten after
+    // its TTL ran out starts again at version 1, with a later time).
+    const stamp = (entry: { updated_at: unknown; version: unknown }) =>
+      `${entry.updated_at} ${String(entry.version).padStart(16, "0")}`;
+    const versions = new Map<string, string>();
     const seen = new Map<string, string>();
     const sendState = async () => {
       const entries = await listState(db, roomId);
@@ -68,8 +77,8 @@ export function streamRoom(
       for (const entry of entries) {
         const id = `${entry.scope}\n${entry.key}`;
         live.add(id);
-        if (versions.get(id) === entry.version) continue;
-        versions.set(id, entry.version);
+        if (versions.get(id) === stamp(entry)) continue;
+        versions.set(id, stamp(entry));
         await stream.writeSSE({ event: "state", data: JSON.stringify(entry) });
       }
       for (const id of versions.keys()) {
@@ -95,11 +104,11 @@ export function streamRoom(
       await catchUp();
       await sendAgents();
       await sendState();
-      while (!stream.aborted && !stream.closed) {
+      while (!ended()) {
         await wake.promise;
         wake = Promise.withResolvers<void>();
         for (const event of queue.splice(0)) {
-          if (stream.aborted) break;
+          if (ended()) break;
           if (event.type === "message" || event.type === "changed") {
             await catchUp();
           }
@@ -111,6 +120,9 @@ export function streamRoom(
             });
           }
           if (event.type === "agent") {
+            // An event queued while the first snapshot was read may be older than it.
+            const last = seen.get(event.agent.id)?.split(" ")[1] ?? "";
+            if (String(event.agent.last_seen) < last) continue;
             seen.set(
               event.agent.id,
               `${event.agent.status} ${event.agent.last_seen}`,
@@ -122,8 +134,13 @@ export function streamRoom(
           }
           if (event.type === "state") {
             const id = `${event.scope}\n${event.key}`;
-            if (event.entry === null) versions.delete(id);
-            else versions.set(id, Number(event.entry.version));
+            // An event queued while the first snapshot was read may be older than it.
+            const next = event.entry === null ? undefined : stamp(event.entry);
+            if (next !== undefined && next <= (versions.get(id) ?? "")) {
+              continue;
+            }
+            if (next === undefined) versions.delete(id);
+            else versions.set(id, next);
             await stream.writeSSE({
               event: "state",
               data: JSON.stringify(
@@ -141,6 +158,7 @@ export function streamRoom(
       }
     } finally {
       clearInterval(keepalive);
+      stop?.removeEventListener("abort", onStop);
       unsubscribe();
     }
   }, async (error, stream) => {

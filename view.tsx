@@ -40,6 +40,7 @@ function Layout(props: { title: string; children: Child }) {
         <head>
           <meta charset="utf-8" />
           <meta name="viewport" content="width=device-width, initial-scale=1" />
+          <link rel="icon" href="data:," />
           <title>{props.title}</title>
           <style>{raw(STYLE)}</style>
         </head>
@@ -152,7 +153,7 @@ function StateRow({ s }: { s: StateEntry }) {
       </td>
       <td class="mono" title={s.expires_at ? `expires ${s.expires_at}` : ""}>
         v{s.version}
-        {s.expires_at ? " ⏱" : ""}
+        {s.expires_at ? " ttl" : ""}
       </td>
     </tr>
   );
@@ -282,7 +283,7 @@ const agentRow = (a) => el("tr", { id: "a-" + a.id },
   el("td", { class: "muted seen", "data-seen": a.last_seen, title: a.last_seen }, ago(a.idle_ms)));
 function stateRow(s) {
   const version = el("td", { class: "mono", title: s.expires_at ? "expires " + s.expires_at : "" }, "v" + s.version);
-  if (s.expires_at) version.append(" ⏱");
+  if (s.expires_at) version.append(" ttl");
   return el("tr", { "data-key": s.scope + "\\n" + s.key },
     el("td", { class: "mono" }, s.scope), el("td", { class: "mono" }, s.key),
     el("td", {}, el("pre", {}, show(s.value))), version);

@@ -63,7 +63,7 @@ function mayMatch(filter: MessageFilter, event: RoomEvent): boolean {
   if (event.type === "changed") return true;
   if (event.type === "claim") return filter.unclaimed !== undefined;
   if (event.type !== "message") return false;
-  const m = event.message as unknown as Message;
+  const m = event.message;
   if (filter.kinds !== undefined && !filter.kinds.includes(m.kind)) {
     return false;
   }

@@ -429,6 +429,38 @@ export async function touchAgent(
   return agent;
 }
 
+/** Puts back an agent's status after a wait, unless it sent another one meanwhile. */
+export async function endWaiting(
+  db: Db,
+  roomId: string,
+  id: string,
+  status: Status,
+): Promise<void> {
+  const now = Date.now();
+  const [row] = await all(db, {
+    sql: `UPDATE agents SET status = ?, last_seen = max(last_seen, ?)
+          WHERE room_id = ? AND id = ? AND status = 'waiting' RETURNING ${AGENT_COLUMNS}`,
+    args: [status, now, roomId, id],
+  });
+  if (row) {
+    db.notifier.publish(roomId, { type: "agent", agent: toAgent(row, now) });
+  }
+}
+
+/** The earliest time (ms) a lease on a message above `after` runs out, if any is held. */
+export async function nextLeaseExpiry(
+  db: Db,
+  roomId: string,
+  after: number,
+): Promise<number | undefined> {
+  const [row] = await all(db, {
+    sql: `SELECT min(lease_expires_at) AS at FROM messages
+          WHERE room_id = ? AND id > ? AND lease_expires_at > ?`,
+    args: [roomId, after, Date.now()],
+  });
+  return row?.at === null || row?.at === undefined ? undefined : Number(row.at);
+}
+
 // ---- messages ----
 
 const MESSAGE_COLUMNS =
@@ -617,8 +649,9 @@ export async function claimMessage(
   lease?: number,
 ): Promise<ClaimResult> {
   const now = Date.now();
-  const [row] = await all(db, {
-    sql: `UPDATE messages SET
+  const [claimed] = await (await db.client()).batch([
+    {
+      sql: `UPDATE messages SET
             claimed_at = CASE WHEN claimed_by = :agent
               AND (lease_expires_at IS NULL OR lease_expires_at > :now)
               THEN claimed_at ELSE :now END,
@@ -627,14 +660,22 @@ export async function claimMessage(
           WHERE room_id = :room AND id = :id
             AND (claimed_by IS NULL OR claimed_by = :agent OR lease_expires_at <= :now)
           RETURNING ${MESSAGE_COLUMNS}`,
-    args: {
-      agent,
-      now,
-      expires: lease === undefined ? null : now + Math.round(lease * 1000),
-      room: roomId,
-      id,
+      args: {
+        agent,
+        now,
+        expires: lease === undefined ? null : now + Math.round(lease * 1000),
+        room: roomId,
+        id,
+      },
     },
-  });
+    // Claiming counts as being seen (a renewal too, though it keeps claimed_at).
+    {
+      sql: `UPDATE agents SET last_seen = max(last_seen, :now)
+            WHERE room_id = :room AND id = :agent AND changes() > 0`,
+      args: { now, room: roomId, agent },
+    },
+  ], "write");
+  const row = claimed.rows[0];
   if (!row) return { ok: false, message: await getMessage(db, roomId, id) };
   const message = toMessage(row, now);
   db.notifier.publish(roomId, { type: "claim", message });
@@ -672,6 +713,16 @@ const STATE_COLUMNS =
 const LIVE = "(expires_at IS NULL OR expires_at > :now)";
 const EXPIRED = "(state.expires_at IS NOT NULL AND state.expires_at <= :now)";
 const NUMERIC = "json_type(state.value) IN ('integer', 'real')";
+/** The largest finite double: a sum beyond it is refused, not stored as infinity. */
+const MAX_DOUBLE = "1.7976931348623157e308";
+
+/**
+ * The JSON text of a number computed in SQL: integers as they are, reals with 17
+ * significant digits (json_quote keeps 15 and loses digits a JS number has).
+ */
+function numberText(x: string): string {
+  return `CASE typeof(${x}) WHEN 'integer' THEN CAST(${x} AS TEXT) ELSE printf('%!.17g', ${x}) END`;
+}
 
 /** One key, or null (also when its TTL ran out). */
 export async function getState(
@@ -728,12 +779,18 @@ export type StateWrite = {
   ttl?: number;
 };
 
+/**
+ * Why a state write was refused: `if_version` did not match, an increment met a value
+ * that is not a number, or its sum would not be a finite number.
+ */
+export type Refusal = "version_conflict" | "not_a_number" | "out_of_range";
+
 /** The outcome of one state write: the entry, or why it was refused. */
 export type WriteResult =
   | { ok: true; entry: StateEntry | null; deleted?: boolean }
   | {
     ok: false;
-    reason: "version_conflict" | "not_a_number";
+    reason: Refusal;
     current: StateEntry | null;
   };
 
@@ -780,10 +837,14 @@ function stateStatement(
   const conditions: string[] = [];
   let operand: InValue;
   if (op.increment !== undefined) {
-    absent = "json_quote(0 + :value)";
-    fromCurrent = "json_quote(json_extract(state.value, '$') + :value)";
-    conditions.push(NUMERIC);
-    operand = op.increment;
+    const sum = "(json_extract(state.value, '$') + :value)";
+    absent = numberText("(0 + :value)");
+    fromCurrent = numberText(sum);
+    conditions.push(NUMERIC, `abs(${sum}) <= ${MAX_DOUBLE}`);
+    // A whole number goes in as an integer, so integer counters add exactly.
+    operand = Number.isSafeInteger(op.increment)
+      ? BigInt(op.increment)
+      : op.increment;
   } else if (op.merge) {
     absent = "json_patch('{}', :value)";
     fromCurrent = "json_patch(state.value, :value)";
@@ -884,17 +945,25 @@ export async function writeState(
 
 /** Why a write was refused, given the entry as it is now. */
 function refusal(op: StateWrite, current: StateEntry | null): WriteResult {
-  const numeric = typeof current?.value === "number";
-  const versionOk = op.if_version === undefined ||
-    op.if_version === (current?.version ?? 0);
   return {
     ok: false,
-    reason:
-      versionOk && op.increment !== undefined && current !== null && !numeric
-        ? "not_a_number"
-        : "version_conflict",
+    reason: incrementRefusal(op, current) ?? "version_conflict",
     current,
   };
+}
+
+/** Why an increment cannot apply to an entry (after its version matched), if it cannot. */
+function incrementRefusal(
+  op: StateWrite,
+  current: StateEntry | null,
+): Refusal | undefined {
+  if (
+    op.if_version !== undefined && op.if_version !== (current?.version ?? 0)
+  ) return undefined;
+  if (op.increment === undefined || current === null) return undefined;
+  if (typeof current.value !== "number") return "not_a_number";
+  if (!Number.isFinite(current.value + op.increment)) return "out_of_range";
+  return undefined;
 }
 
 // ---- batches ----
@@ -904,7 +973,7 @@ export type Conflict = {
   index: number;
   scope: string;
   key: string;
-  reason: "version_conflict" | "not_a_number";
+  reason: Refusal;
   expected_version: number | null;
   current: StateEntry | null;
 };
@@ -1067,52 +1136,44 @@ async function existingMessageIds(
   return new Set(rows.map((row) => Number(row.id)));
 }
 
-/** Plays the writes over the current entries in order and lists those that would be refused. */
+/**
+ * Plays the writes over the current entries in order and lists those that would be
+ * refused. A conflict's `current` is the entry as it is in the database (nothing of
+ * the batch is written), even when earlier writes of the batch touched the key.
+ */
 function simulate(
   ops: StateWrite[],
   current: Map<string, StateEntry>,
 ): Conflict[] {
-  const entries = new Map(current);
+  const played = new Map<string, { version: number; value: unknown }>(current);
   const conflicts: Conflict[] = [];
   ops.forEach((op, index) => {
     const id = `${op.scope}\n${op.key}`;
-    const entry = entries.get(id) ?? null;
-    const refuse = (reason: Conflict["reason"]) =>
+    const now = played.get(id) ?? null;
+    const refuse = (reason: Refusal) =>
       conflicts.push({
         index,
         scope: op.scope,
         key: op.key,
         reason,
         expected_version: op.if_version ?? null,
-        current: entry,
+        current: current.get(id) ?? null,
       });
-    if (
-      op.if_version !== undefined && op.if_version !== (entry?.version ?? 0)
-    ) {
+    if (op.if_version !== undefined && op.if_version !== (now?.version ?? 0)) {
       return refuse("version_conflict");
     }
-    if (op.delete) return entries.delete(id);
+    if (op.delete) return played.delete(id);
     let value: unknown;
     if (op.increment !== undefined) {
-      if (entry !== null && typeof entry.value !== "number") {
+      if (now !== null && typeof now.value !== "number") {
         return refuse("not_a_number");
       }
-      value = ((entry?.value as number | undefined) ?? 0) + op.increment;
+      value = ((now?.value as number | undefined) ?? 0) + op.increment;
+      if (!Number.isFinite(value)) return refuse("out_of_range");
     } else {
-      value = op.merge ? mergePatch(entry?.value, op.value) : op.value;
+      value = op.merge ? mergePatch(now?.value, op.value) : op.value;
     }
-    entries.set(id, {
-      ...(entry ??
-        {
-          room_id: "",
-          scope: op.scope,
-          key: op.key,
-          updated_at: "",
-          expires_at: null,
-        }),
-      value,
-      version: (entry?.version ?? 0) + 1,
-    });
+    played.set(id, { value, version: (now?.version ?? 0) + 1 });
   });
   return conflicts;
 }

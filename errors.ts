@@ -19,6 +19,7 @@ export type ErrorCode =
   | "already_claimed"
   | "version_conflict"
   | "not_a_number"
+  | "out_of_range"
   | "idempotency_key_in_use"
   | "conflict"
   | "payload_too_large"

@@ -435,13 +435,16 @@ export function createApp(options: AppOptions) {
         const versions = result.conflicts.some((conflict) =>
           conflict.reason === "version_conflict"
         );
+        const code = versions ? "version_conflict" : result.conflicts[0].reason;
         throw new ApiError(
           409,
-          versions ? "version_conflict" : "not_a_number",
+          code,
           `The batch was not applied: ${result.conflicts.length} of its state writes ${
-            versions
-              ? "expected another version"
-              : "would add to a value that is not a number"
+            {
+              version_conflict: "expected another version",
+              not_a_number: "would add to a value that is not a number",
+              out_of_range: "would make a number too large for JSON",
+            }[code]
           }; nothing was written`,
           { conflicts: result.conflicts },
         );
@@ -547,6 +550,14 @@ function refused(
       409,
       "not_a_number",
       `Cannot increment: the current value of "${result.current?.key}" is not a number`,
+      { current: result.current },
+    );
+  }
+  if (result.reason === "out_of_range") {
+    return new ApiError(
+      409,
+      "out_of_range",
+      `Cannot increment: the sum would be too large for a JSON number; nothing was written`,
       { current: result.current },
     );
   }

@@ -55,6 +55,8 @@ CREATE INDEX IF NOT EXISTS messages_by_room_kind ON messages (room_id, kind, id)
 CREATE INDEX IF NOT EXISTS messages_by_room_from ON messages (room_id, from_agent, id);
 CREATE INDEX IF NOT EXISTS messages_by_room_to ON messages (room_id, to_agent, id);
 CREATE INDEX IF NOT EXISTS messages_by_reply ON messages (reply_to) WHERE reply_to IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_leased ON messages (room_id, lease_expires_at)
+  WHERE lease_expires_at IS NOT NULL;
 
 -- An entry whose expires_at has passed reads as absent everywhere.
 CREATE TABLE IF NOT EXISTS state (
@@ -86,16 +88,15 @@ CREATE INDEX IF NOT EXISTS idempotency_by_age ON idempotency (created_at);
 -- nothing, and the NOT NULL failure rolls the whole batch back.
 CREATE TABLE IF NOT EXISTS batch_guard (ok INTEGER NOT NULL) STRICT;
 
+-- Posting a message counts as being seen (max: instances' clocks may differ a little).
 CREATE TRIGGER IF NOT EXISTS messages_insert_rev AFTER INSERT ON messages BEGIN
   UPDATE rooms SET rev = rev + 1 WHERE id = NEW.room_id;
-  UPDATE agents SET last_seen = NEW.created_at
+  UPDATE agents SET last_seen = max(last_seen, NEW.created_at)
     WHERE room_id = NEW.room_id AND id = NEW.from_agent;
 END;
 
 CREATE TRIGGER IF NOT EXISTS messages_update_rev AFTER UPDATE ON messages BEGIN
   UPDATE rooms SET rev = rev + 1 WHERE id = NEW.room_id;
-  UPDATE agents SET last_seen = NEW.claimed_at
-    WHERE room_id = NEW.room_id AND id = NEW.claimed_by;
 END;
 
 CREATE TRIGGER IF NOT EXISTS state_insert_rev AFTER INSERT ON state BEGIN

@@ -111,7 +111,7 @@ function MessageItem({ m }: { m: Message }) {
         {m.reply_to === null
           ? ""
           : <a class="muted" href={`#m-${m.reply_to}`}>↳ #{m.reply_to}</a>}
-        <span class="claim">
+        <span class="claim" data-until={m.lease_expires_at ?? ""}>
           {m.claimed_by === null
             ? ""
             : `claimed by ${m.claimed_by}${
@@ -145,7 +145,7 @@ function AgentRow({ a }: { a: Agent }) {
 
 function StateRow({ s }: { s: StateEntry }) {
   return (
-    <tr>
+    <tr data-expires={s.expires_at ?? ""}>
       <td class="mono">{s.scope}</td>
       <td class="mono">{s.key}</td>
       <td>
@@ -273,7 +273,7 @@ function messageItem(m) {
     el("span", { class: "muted" }, "→"),
     el("span", { class: "to" }, m.to_agent ?? "everyone"));
   if (m.reply_to !== null) head.append(el("a", { class: "muted", href: "#m-" + m.reply_to }, "↳ #" + m.reply_to));
-  head.append(el("span", { class: "claim" }, claimText(m)),
+  head.append(el("span", { class: "claim", "data-until": m.lease_expires_at ?? "" }, claimText(m)),
     el("time", { class: "muted", datetime: m.created_at, title: m.created_at }, clock(m.created_at)));
   return el("li", { id: "m-" + m.id, class: m.reply_to === null ? "" : "reply" }, head, el("pre", {}, show(m.body)));
 }
@@ -284,7 +284,7 @@ const agentRow = (a) => el("tr", { id: "a-" + a.id },
 function stateRow(s) {
   const version = el("td", { class: "mono", title: s.expires_at ? "expires " + s.expires_at : "" }, "v" + s.version);
   if (s.expires_at) version.append(" ttl");
-  return el("tr", { "data-key": s.scope + "\\n" + s.key },
+  return el("tr", { "data-key": s.scope + "\\n" + s.key, "data-expires": s.expires_at ?? "" },
     el("td", { class: "mono" }, s.scope), el("td", { class: "mono" }, s.key),
     el("td", {}, el("pre", {}, show(s.value))), version);
 }
@@ -300,7 +300,8 @@ function onMessage(m) {
 }
 function onClaim(m) {
   const item = document.getElementById("m-" + m.id);
-  if (item) item.querySelector(".claim").textContent = claimText(m);
+  if (!item) return;
+  item.querySelector(".claim").replaceWith(el("span", { class: "claim", "data-until": m.lease_expires_at ?? "" }, claimText(m)));
 }
 function onAgent(a) {
   const row = agentRow(a);
@@ -321,12 +322,21 @@ function onState(s) {
 for (const row of document.getElementById("state").children) {
   row.dataset.key = row.children[0].textContent + "\\n" + row.children[1].textContent;
 }
-// Presence ages tick locally; the server is not asked again for them.
-setInterval(() => {
+// Presence ages tick, and TTLs and leases run out, locally: the server sends no event
+// when time alone changes something.
+function tickClock() {
+  const now = Date.now();
   for (const cell of document.querySelectorAll(".seen")) {
-    cell.textContent = ago(Date.now() - Date.parse(cell.dataset.seen));
+    cell.textContent = ago(now - Date.parse(cell.dataset.seen));
   }
-}, 5000);
+  for (const row of document.querySelectorAll("tr[data-expires]")) {
+    if (row.dataset.expires && Date.parse(row.dataset.expires) <= now) row.remove();
+  }
+  for (const claim of document.querySelectorAll(".claim[data-until]")) {
+    if (claim.dataset.until && Date.parse(claim.dataset.until) <= now) claim.textContent = "";
+  }
+}
+setInterval(tickClock, 1000);
 
 function setStatus(text, cls) {
   const node = document.getElementById("status");

@@ -4,11 +4,13 @@
  */
 import {
   type Db,
+  endWaiting,
   getAgent,
   getState,
   listMessages,
   type Message,
   type MessageFilter,
+  nextLeaseExpiry,
   roomRev,
   type StateEntry,
   type Status,
@@ -20,7 +22,8 @@ import type { Notifier, RoomEvent } from "./notify.ts";
  * Long-poll: runs `check` until it returns a value, an event for which `wakes` is true
  * having arrived in between, or until `ms` pass or `signal` aborts; then returns the
  * last check's result. The listener is registered before each check, so no write can
- * slip between the check and the wait.
+ * slip between the check and the wait. A check may name a time when the answer changes
+ * with no write (a TTL or a lease running out) through `recheckAt`.
  */
 export async function waitFor<T>(options: {
   notifier: Notifier;
@@ -28,7 +31,7 @@ export async function waitFor<T>(options: {
   rev: number;
   ms: number;
   signal?: AbortSignal;
-  check: () => Promise<T | undefined>;
+  check: (recheckAt: (time: number) => void) => Promise<T | undefined>;
   wakes: (event: RoomEvent) => boolean;
 }): Promise<T | undefined> {
   const { notifier, room, rev, signal, check, wakes } = options;
@@ -40,13 +43,14 @@ export async function waitFor<T>(options: {
     });
     let timer: ReturnType<typeof setTimeout> | undefined;
     const abort = () => woke.resolve();
+    let until = deadline;
     try {
-      const result = await check();
+      const result = await check((time) => until = Math.min(until, time));
       const remaining = deadline - Date.now();
       if (result !== undefined || remaining <= 0 || signal?.aborted) {
         return result;
       }
-      timer = setTimeout(abort, remaining);
+      timer = setTimeout(abort, Math.max(0, until - Date.now()));
       signal?.addEventListener("abort", abort, { once: true });
       await woke.promise;
     } finally {
@@ -54,7 +58,7 @@ export async function waitFor<T>(options: {
       signal?.removeEventListener("abort", abort);
       unsubscribe();
     }
-    if (Date.now() >= deadline || signal?.aborted) return await check();
+    if (Date.now() >= deadline || signal?.aborted) return await check(() => {});
   }
 }
 
@@ -93,9 +97,15 @@ export async function waitForMessages(
     rev: await roomRev(db, roomId),
     ms: seconds * 1000,
     signal,
-    check: async () => {
+    check: async (recheckAt) => {
       const page = await listMessages(db, roomId, filter);
-      return page.length > 0 ? page : undefined;
+      if (page.length > 0) return page;
+      if (filter.unclaimed === true) {
+        // A lease running out frees a message without any write.
+        const expiry = await nextLeaseExpiry(db, roomId, filter.after ?? 0);
+        if (expiry !== undefined) recheckAt(expiry + 1);
+      }
+      return undefined;
     },
     wakes: (event) => mayMatch(filter, event),
   });
@@ -115,9 +125,11 @@ export async function waitForState(
   seconds: number,
   signal?: AbortSignal,
 ): Promise<StateEntry | null> {
-  const changed = async () => {
+  const changed = async (recheckAt: (time: number) => void) => {
     const entry = await getState(db, roomId, scope, key);
     if (entry === null) return afterVersion > 0 ? { entry } : undefined;
+    // An expiring TTL deletes the entry without any write.
+    if (entry.expires_at !== null) recheckAt(Date.parse(entry.expires_at) + 1);
     return entry.version > afterVersion ? { entry } : undefined;
   };
   const found = await waitFor({
@@ -175,7 +187,7 @@ export async function whileWaiting<T>(
     if (--spell.count === 0) {
       spells.delete(id);
       if (await spell.shown) {
-        await touchAgent(db, roomId, agentId, spell.previous).catch((error) =>
+        await endWaiting(db, roomId, agentId, spell.previous).catch((error) =>
           console.error("waiting: cannot restore presence:", error)
         );
       }

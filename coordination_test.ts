@@ -1761,10 +1761,30 @@ test("a repeated Idempotency-Key on POST messages replays the first answer and w
   assert.equal(first.status, 201);
   assert.equal(first.headers.get("Idempotent-Replayed"), null);
   assert.deepEqual(times(first.body), message(1, "a"));
-  const again = await call("POST", "/rooms/r/messages", { body: "b" }, headers);
+  const again = await call("POST", "/rooms/r/messages", { body: "a" }, headers);
   assert.equal(again.status, 201);
   assert.equal(again.headers.get("Idempotent-Replayed"), "true");
   assert.deepEqual(again.body, first.body);
+  assert.deepEqual((await call("GET", "/rooms/r/messages")).body, [first.body]);
+});
+
+test("an Idempotency-Key reused for another request is 422 and writes nothing", async ({ call }) => {
+  const headers = { "Idempotency-Key": "reuse-1" };
+  const first = await call("POST", "/rooms/r/messages", { body: "a" }, headers);
+  assert.equal(first.status, 201);
+  for (
+    const [path, body] of [
+      ["/rooms/r/messages", { body: "b" }],
+      ["/rooms/r/batch", { messages: [{ body: "a" }] }],
+    ] as const
+  ) {
+    const res = await call("POST", path, body, headers);
+    assert.equal(res.status, 422);
+    assert.equal(
+      (res.body as { error: string }).error,
+      "idempotency_key_reused",
+    );
+  }
   assert.deepEqual((await call("GET", "/rooms/r/messages")).body, [first.body]);
 });
 
@@ -1810,8 +1830,8 @@ test("10 parallel posts with one Idempotency-Key write one message and all get i
   const replies = await Promise.all(
     Array.from(
       { length: 10 },
-      (_, i) =>
-        call("POST", "/rooms/r/messages", { body: i }, {
+      () =>
+        call("POST", "/rooms/r/messages", { body: "once" }, {
           "Idempotency-Key": "k",
         }),
     ),
@@ -2511,7 +2531,7 @@ test("GET stream sends state events for writes and deletes, agent events for hea
       idle_ms: JSON.parse(hello.data).idle_ms,
     });
     const written = await put(call, { key: "k", value: { v: 1 } });
-    const [state] = await events.until((e) => e.event === "state");
+    const state = (await events.until((e) => e.event === "state")).at(-1)!;
     assert.deepEqual(JSON.parse(state.data), written);
     const beat = await call("POST", "/rooms/r/agents/a/heartbeat", {
       status: "busy",
@@ -2530,6 +2550,23 @@ test("GET stream sends state events for writes and deletes, agent events for hea
       key: "k",
       deleted: true,
     });
+  });
+});
+
+test("GET stream sends a ready event after the backlog and the snapshot", async (api) => {
+  const { call } = api;
+  await post(call, { body: 1 });
+  await put(call, { key: "k", value: 1 });
+  await register(call, "a");
+  await withStream(api, "/rooms/r/stream", {}, async (events) => {
+    const opening = await events.until((e) => e.event === "ready");
+    assert.deepEqual(opening.map((e) => e.event), [
+      "message",
+      "agent",
+      "state",
+      "ready",
+    ]);
+    assert.deepEqual(JSON.parse(opening[3].data), { room_id: "r", after: 1 });
   });
 });
 

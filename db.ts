@@ -138,13 +138,21 @@ export class Db {
   }
 }
 
+/** Seconds to whole milliseconds, at least 1, so a tiny TTL or lease is not already over. */
+function millis(seconds: number): number {
+  return Math.max(1, Math.ceil(seconds * 1000));
+}
+
 function isLocal(url: string): boolean {
   return url === ":memory:" || url.startsWith("file:");
 }
 
 const SCHEMA_URL = new URL("./schema.sql", import.meta.url);
 
-/** Splits `schema.sql` into statements (it has no triggers, so `;` ends each one). */
+/**
+ * Splits `schema.sql` into statements: a line ending in `;` ends one, except inside a
+ * trigger, which ends at `END;`. (The schema keeps to that layout.)
+ */
 function statements(sql: string): string[] {
   const out: string[] = [];
   let current = "";
@@ -509,18 +517,18 @@ export async function insertMessage(
   db: Db,
   roomId: string,
   message: NewMessage,
-  idempotencyKey?: string,
+  idempotency?: Idempotency,
 ): Promise<Message | null> {
   const now = Date.now();
   const insert = insertMessageStatement(roomId, message, now);
   const client = await db.client();
   let rows: Row[];
-  if (idempotencyKey === undefined) {
+  if (idempotency === undefined) {
     rows = (await client.execute(insert)).rows;
   } else {
     // A reply to a missing message must not leave the key taken: the guard rolls back.
     const stmts = [
-      ...takeKeyStatements(roomId, idempotencyKey, now),
+      ...takeKeyStatements(roomId, idempotency, now),
       insert,
       GUARD,
     ];
@@ -656,14 +664,15 @@ export async function claimMessage(
               AND (lease_expires_at IS NULL OR lease_expires_at > :now)
               THEN claimed_at ELSE :now END,
             claimed_by = :agent,
-            lease_expires_at = :expires
+            lease_expires_at = :expires,
+            claim_rev = (SELECT rev + 1 FROM rooms WHERE id = :room)
           WHERE room_id = :room AND id = :id
             AND (claimed_by IS NULL OR claimed_by = :agent OR lease_expires_at <= :now)
           RETURNING ${MESSAGE_COLUMNS}`,
       args: {
         agent,
         now,
-        expires: lease === undefined ? null : now + Math.round(lease * 1000),
+        expires: lease === undefined ? null : now + millis(lease),
         room: roomId,
         id,
       },
@@ -692,7 +701,8 @@ export async function releaseMessage(
   const now = Date.now();
   const [row] = await all(db, {
     sql:
-      `UPDATE messages SET claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL
+      `UPDATE messages SET claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL,
+            claim_rev = (SELECT rev + 1 FROM rooms WHERE id = :room)
           WHERE room_id = :room AND id = :id AND claimed_by = :agent
             AND (lease_expires_at IS NULL OR lease_expires_at > :now)
           RETURNING ${MESSAGE_COLUMNS}`,
@@ -702,6 +712,50 @@ export async function releaseMessage(
   const message = toMessage(row, now);
   db.notifier.publish(roomId, { type: "claim", message });
   return { ok: true, message };
+}
+
+/**
+ * Claims changed since room rev `since` (released ones included), or with `since` 0
+ * the claims held now; and the rev to ask from next time.
+ */
+export async function changedClaims(
+  db: Db,
+  roomId: string,
+  since: number,
+): Promise<{ messages: Message[]; rev: number }> {
+  const now = Date.now();
+  if (since > 0) {
+    const rows = await all(db, {
+      sql: `SELECT ${MESSAGE_COLUMNS}, claim_rev FROM messages
+            WHERE room_id = ? AND claim_rev > ? ORDER BY claim_rev`,
+      args: [roomId, since],
+    });
+    return {
+      messages: rows.map((row) => toMessage(row, now)),
+      rev: rows.reduce(
+        (top, row) => Math.max(top, Number(row.claim_rev)),
+        since,
+      ),
+    };
+  }
+  // The rev first: a claim made between the two reads is sent now and again later,
+  // never missed.
+  const [top] = await all(db, {
+    sql:
+      "SELECT max(claim_rev) AS rev FROM messages WHERE room_id = ? AND claim_rev IS NOT NULL",
+    args: [roomId],
+  });
+  const rows = await all(db, {
+    sql: `SELECT ${MESSAGE_COLUMNS} FROM messages
+          WHERE room_id = ? AND claimed_by IS NOT NULL ORDER BY id`,
+    args: [roomId],
+  });
+  return {
+    messages: rows.map((row) => toMessage(row, now)).filter((m) =>
+      m.claimed_by !== null
+    ),
+    rev: Number(top?.rev ?? 0),
+  };
 }
 
 // ---- state ----
@@ -831,7 +885,7 @@ function stateStatement(
       conditional: op.if_version !== undefined,
     };
   }
-  const expires = op.ttl === undefined ? null : now + Math.round(op.ttl * 1000);
+  const expires = op.ttl === undefined ? null : now + millis(op.ttl);
   let absent = ":value";
   let fromCurrent = ":value";
   const conditions: string[] = [];
@@ -1008,7 +1062,7 @@ export async function applyBatch(
   roomId: string,
   ops: StateWrite[],
   messages: NewMessage[],
-  idempotencyKey?: string,
+  idempotency?: Idempotency,
 ): Promise<BatchResult> {
   const client = await db.client();
   for (let attempt = 1;; attempt++) {
@@ -1023,9 +1077,9 @@ export async function applyBatch(
     const conflicts = simulate(ops, current);
     if (conflicts.length > 0) return { ok: false, conflicts };
 
-    const stmts: InStatement[] = idempotencyKey === undefined
+    const stmts: InStatement[] = idempotency === undefined
       ? []
-      : takeKeyStatements(roomId, idempotencyKey, now);
+      : takeKeyStatements(roomId, idempotency, now);
     const opAt: number[] = [];
     const guards = new Set<number>();
     for (const op of ops) {
@@ -1058,14 +1112,8 @@ export async function applyBatch(
         : -1;
       if (guards.has(index) && attempt < BATCH_ATTEMPTS) continue;
       if (guards.has(index)) {
-        const op = opAt.findLastIndex((at) => at < index);
-        return {
-          ok: false,
-          conflicts: simulate([ops[op]], current).map((c) => ({
-            ...c,
-            index: op,
-          })),
-        };
+        // Beaten by concurrent writes on every attempt: no conflict to name, a race.
+        return { ok: false, conflicts: [] };
       }
       throw error;
     }
@@ -1199,8 +1247,8 @@ function mergePatch(target: unknown, patch: unknown): unknown {
 /** How long an Idempotency-Key is remembered (ms). */
 export const IDEMPOTENCY_TTL_MS = 24 * 60 * 60 * 1000;
 
-/** Thrown when the Idempotency-Key was taken by an earlier request. */
-export class KeyTaken extends Error {}
+/** An Idempotency-Key and the hash of the request that carries it. */
+export type Idempotency = { key: string; request: string };
 
 /**
  * Statements that take an Idempotency-Key inside a write's transaction (and forget
@@ -1208,7 +1256,7 @@ export class KeyTaken extends Error {}
  */
 function takeKeyStatements(
   roomId: string,
-  key: string,
+  idem: Idempotency,
   now: number,
 ): InStatement[] {
   return [
@@ -1218,8 +1266,8 @@ function takeKeyStatements(
     },
     {
       sql:
-        "INSERT INTO idempotency (room_id, key, created_at) VALUES (?, ?, ?)",
-      args: [roomId, key, now],
+        "INSERT INTO idempotency (room_id, key, request, created_at) VALUES (?, ?, ?, ?)",
+      args: [roomId, idem.key, idem.request, now],
     },
   ];
 }
@@ -1245,18 +1293,28 @@ export async function saveIdempotent(
   });
 }
 
-/** The answer stored for a key: null when unknown, `pending` while its first request runs. */
+/**
+ * What is stored for a key: the request it was taken for, and its answer (null while
+ * the first request runs); null when the key is unknown.
+ */
 export async function getIdempotent(
   db: Db,
   roomId: string,
   key: string,
-): Promise<{ status: number; response: unknown } | "pending" | null> {
+): Promise<
+  | { request: string; answer: { status: number; response: unknown } | null }
+  | null
+> {
   const [row] = await all(db, {
-    sql:
-      "SELECT status, response FROM idempotency WHERE room_id = ? AND key = ? AND created_at >= ?",
+    sql: `SELECT request, status, response FROM idempotency
+          WHERE room_id = ? AND key = ? AND created_at >= ?`,
     args: [roomId, key, Date.now() - IDEMPOTENCY_TTL_MS],
   });
   if (!row) return null;
-  if (row.status === null) return "pending";
-  return { status: Number(row.status), response: json(row.response) };
+  return {
+    request: String(row.request),
+    answer: row.status === null
+      ? null
+      : { status: Number(row.status), response: json(row.response) },
+  };
 }

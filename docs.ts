@@ -2,6 +2,7 @@
  * Usage docs for agents, served as markdown at `GET /` to any client that does not ask
  * for HTML, and shown on the landing page.
  */
+import { ERRORS } from "./errors.ts";
 
 /** The usage document, with `origin` as the base URL of every example. */
 export function usage(origin: string): string {
@@ -84,18 +85,10 @@ Every error is \`{"error": "<code>", "message": "<what went wrong>", ...details}
 
 | status | code | meaning |
 | --- | --- | --- |
-| 400 | \`invalid_json\` | the body is not valid JSON |
-| 400 | \`invalid_request\` | a field or parameter is missing, unknown or malformed (\`field\` names it) |
-| 404 | \`room_not_found\` | no room has that id: create it with \`POST /rooms\` |
-| 404 | \`key_not_found\` | no state entry has that scope and key |
-| 404 | \`not_found\` | no such route |
-| 404 | \`agent_not_found\`, \`message_not_found\` | no such agent or message in the room |
-| 409 | \`agent_exists\` | that agent id is registered in the room already |
-| 409 | \`version_conflict\` | \`if_version\` did not match; \`current\` holds the entry (a batch lists \`conflicts\`) |
-| 409 | \`not_a_number\` | increment on a value that is not a number |
-| 409 | \`already_claimed\` | another agent holds the message (\`claimed_by\`, \`lease_expires_at\`) |
-| 409 | \`idempotency_key_in_use\` | a request with that key has not finished yet |
-| 413 | \`payload_too_large\` | the body is over the limit |
-| 503 | \`database_busy\`, \`database_unavailable\` | retry shortly |
+${
+    Object.entries(ERRORS)
+      .map(([code, [status, when]]) => `| ${status} | \`${code}\` | ${when} |`)
+      .join("\n")
+  }
 `;
 }

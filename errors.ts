@@ -6,27 +6,68 @@ import { LibsqlError } from "@libsql/client";
 import type { Context, ErrorHandler, NotFoundHandler } from "hono";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
 
-/** Every error code the API answers with; the README lists them with their meaning. */
-export type ErrorCode =
-  | "invalid_json"
-  | "invalid_request"
-  | "not_found"
-  | "room_not_found"
-  | "key_not_found"
-  | "agent_not_found"
-  | "message_not_found"
-  | "agent_exists"
-  | "already_claimed"
-  | "version_conflict"
-  | "not_a_number"
-  | "out_of_range"
-  | "idempotency_key_in_use"
-  | "conflict"
-  | "payload_too_large"
-  | "database_busy"
-  | "database_unavailable"
-  | "shutting_down"
-  | "internal_error";
+/**
+ * Every error code the API answers with, its status and when: the one list that the
+ * usage docs render and the README is checked against (main_test.ts).
+ */
+export const ERRORS = {
+  invalid_json: [400, "the body is not valid JSON"],
+  invalid_request: [
+    400,
+    "a field, parameter or header is missing, unknown, of the wrong type or out of range (`field` names it, `issues` lists every problem)",
+  ],
+  not_found: [404, "no such route (or method)"],
+  room_not_found: [404, "no room has that id: create it with `POST /rooms`"],
+  key_not_found: [404, "no live state entry has that scope and key"],
+  agent_not_found: [404, "no agent of the room has that id"],
+  message_not_found: [404, "no message of the room has that id"],
+  agent_exists: [
+    409,
+    "that agent id is registered in the room already (`agent` holds it)",
+  ],
+  already_claimed: [
+    409,
+    "another agent holds the message (`claimed_by`, `claimed_at`, `lease_expires_at`)",
+  ],
+  version_conflict: [
+    409,
+    "`if_version` did not match: `expected_version` and `current`, the whole entry or null (a batch lists every one in `conflicts`)",
+  ],
+  not_a_number: [
+    409,
+    "`increment` on a value that is not a number (`current` holds it)",
+  ],
+  out_of_range: [
+    409,
+    "`increment` whose sum would not be a finite JSON number",
+  ],
+  idempotency_key_in_use: [
+    409,
+    "the first request with that Idempotency-Key has not finished; retry",
+  ],
+  idempotency_key_reused: [
+    422,
+    "that Idempotency-Key was used for a different request (another path or body)",
+  ],
+  conflict: [409, "the write raced with another one; read and retry"],
+  payload_too_large: [413, "the body is over `MAX_BODY_BYTES`"],
+  database_busy: [
+    503,
+    "the database stayed locked past the busy timeout; retry (`Retry-After`)",
+  ],
+  database_unavailable: [503, "`/healthz`: the database does not answer"],
+  shutting_down: [
+    503,
+    "the process is draining after SIGTERM; retry (`Retry-After`)",
+  ],
+  internal_error: [
+    500,
+    "a bug in the service (logged); never caused by what a client sent",
+  ],
+} as const satisfies Record<string, readonly [ContentfulStatusCode, string]>;
+
+/** A stable error code of the API. */
+export type ErrorCode = keyof typeof ERRORS;
 
 /** An error a handler means to answer with: status, stable code, one sentence. */
 export class ApiError extends Error {
@@ -35,13 +76,12 @@ export class ApiError extends Error {
   readonly details: Record<string, unknown>;
 
   constructor(
-    status: ContentfulStatusCode,
     code: ErrorCode,
     message: string,
     details: Record<string, unknown> = {},
   ) {
     super(message);
-    this.status = status;
+    this.status = ERRORS[code][0];
     this.code = code;
     this.details = details;
   }
@@ -57,7 +97,7 @@ export function errorResponse(c: Context, error: ApiError): Response {
 
 /** 404 `room_not_found` for a room id. */
 export function roomNotFound(id: string): ApiError {
-  return new ApiError(404, "room_not_found", `Room "${id}" does not exist`, {
+  return new ApiError("room_not_found", `Room "${id}" does not exist`, {
     room_id: id,
   });
 }
@@ -75,7 +115,6 @@ export const onError: ErrorHandler = (error, c) => {
     return errorResponse(
       c,
       new ApiError(
-        409,
         "conflict",
         "The write conflicts with existing data; read and retry",
       ),
@@ -88,7 +127,6 @@ export const onError: ErrorHandler = (error, c) => {
     return errorResponse(
       c,
       new ApiError(
-        503,
         "database_busy",
         "The database is busy; retry in a moment",
       ),
@@ -98,7 +136,6 @@ export const onError: ErrorHandler = (error, c) => {
   return errorResponse(
     c,
     new ApiError(
-      500,
       "internal_error",
       "The service failed to answer; this is a bug, not your fault",
     ),
@@ -110,7 +147,6 @@ export const notFound: NotFoundHandler = (c) =>
   errorResponse(
     c,
     new ApiError(
-      404,
       "not_found",
       `There is no route ${c.req.method} ${c.req.path}; GET / lists the API`,
     ),

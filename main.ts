@@ -15,6 +15,7 @@ import {
   getAgent,
   getIdempotent,
   getRoom,
+  type Idempotency,
   insertAgent,
   insertMessage,
   isKeyTaken,
@@ -60,6 +61,7 @@ import {
   query,
   RegisterAgent,
   Release,
+  SHARED,
   ViewerQuery,
 } from "./schemas.ts";
 import { serve } from "./server.ts";
@@ -116,34 +118,46 @@ export function createApp(options: AppOptions) {
   );
 
   /**
-   * Runs a write once per Idempotency-Key: a repeated key gets the stored first answer
-   * (with `Idempotent-Replayed: true`) and writes nothing.
+   * Runs a write once per Idempotency-Key: a repeat of the same request gets the stored
+   * first answer (with `Idempotent-Replayed: true`) and writes nothing; the key on
+   * another request (path or body) is 422 `idempotency_key_reused`.
    */
   const once = async (
     c: Context,
     roomId: string,
-    write: (key?: string) => Promise<{ status: 200 | 201; body: unknown }>,
+    write: (
+      idempotency?: Idempotency,
+    ) => Promise<{ status: 200 | 201; body: unknown }>,
   ): Promise<Response> => {
     const header = c.req.header("idempotency-key");
-    const key = header === undefined
-      ? undefined
-      : parse(IdempotencyKey, header, "Idempotency-Key header");
-    if (key === undefined) {
+    if (header === undefined) {
       const { status, body } = await write();
       return c.json(body, status);
     }
+    const key = parse(IdempotencyKey, header, "Idempotency-Key header");
+    const request = await sha256(
+      `${c.req.method} ${c.req.path}\n${await c.req.text()}`,
+    );
     const replay = async () => {
       // The first request may still be running: its answer is stored when it ends.
       for (let tries = 0; tries < 200; tries++) {
         const stored = await getIdempotent(db, roomId, key);
-        if (stored !== "pending" && stored !== null) {
+        if (stored !== null && stored.request !== request) {
+          throw new ApiError(
+            "idempotency_key_reused",
+            `Idempotency-Key "${key}" was used for another request in this room; use a new key`,
+          );
+        }
+        if (stored?.answer) {
           c.header("Idempotent-Replayed", "true");
-          return c.json(stored.response, stored.status as 200 | 201);
+          return c.json(
+            stored.answer.response,
+            stored.answer.status as 200 | 201,
+          );
         }
         await new Promise((resolve) => setTimeout(resolve, 25));
       }
       throw new ApiError(
-        409,
         "idempotency_key_in_use",
         `Idempotency-Key "${key}" belongs to a request that has not finished; retry later or use a new key`,
       );
@@ -151,7 +165,7 @@ export function createApp(options: AppOptions) {
     if (await getIdempotent(db, roomId, key) !== null) return replay();
     let result;
     try {
-      result = await write(key);
+      result = await write({ key, request });
     } catch (error) {
       if (isKeyTaken(error)) return replay();
       throw error;
@@ -169,7 +183,6 @@ export function createApp(options: AppOptions) {
         errorResponse(
           c,
           new ApiError(
-            413,
             "payload_too_large",
             `The request body is over ${maxBodyBytes} bytes`,
             {
@@ -207,7 +220,6 @@ export function createApp(options: AppOptions) {
         return errorResponse(
           c,
           new ApiError(
-            503,
             "database_unavailable",
             "The database does not answer",
           ),
@@ -263,7 +275,6 @@ export function createApp(options: AppOptions) {
       });
       if (!agent) {
         throw new ApiError(
-          409,
           "agent_exists",
           `Agent "${id}" is already registered in room "${room.id}"; use it as it is or register another id`,
           { agent: await getAgent(db, room.id, id) },
@@ -296,8 +307,8 @@ export function createApp(options: AppOptions) {
     .post("/rooms/:id/messages", inRoom, body(PostMessage), (c) => {
       const roomId = c.var.room.id;
       const message = toNewMessage(c.req.valid("json"));
-      return once(c, roomId, async (key) => {
-        const inserted = await insertMessage(db, roomId, message, key);
+      return once(c, roomId, async (idempotency) => {
+        const inserted = await insertMessage(db, roomId, message, idempotency);
         if (!inserted) throw replyNotFound(roomId, message.reply_to!);
         return { status: 201, body: inserted };
       });
@@ -358,18 +369,17 @@ export function createApp(options: AppOptions) {
     // ---- state ----
     .put("/rooms/:id/state", inRoom, body(PutState), async (c) => {
       const input = c.req.valid("json");
-      const result = await writeState(db, c.var.room.id, {
-        ...input,
-        scope: input.scope ?? "_shared",
-        increment: input.increment === true ? 1 : input.increment,
-      });
+      const result = await writeState(db, c.var.room.id, input);
       if (!result.ok) throw refused(result, input.if_version);
       return c.json(result.entry as StateEntry);
     })
     .get("/rooms/:id/state", inRoom, query(GetState), async (c) => {
-      const { scope, key, after_version, wait, agent } = c.req.valid("query");
+      const { key, after_version, wait, agent, ...q } = c.req.valid("query");
       const room = c.var.room;
-      if (key === undefined) return c.json(await listState(db, room.id, scope));
+      if (key === undefined) {
+        return c.json(await listState(db, room.id, q.scope));
+      }
+      const scope = q.scope ?? SHARED;
       const entry = await whileWaiting(
         db,
         room.id,
@@ -378,7 +388,7 @@ export function createApp(options: AppOptions) {
           waitForState(
             db,
             room.id,
-            scope ?? "_shared",
+            scope,
             key,
             after_version ?? 0,
             wait ?? 0,
@@ -387,12 +397,9 @@ export function createApp(options: AppOptions) {
       );
       if (!entry) {
         throw new ApiError(
-          404,
           "key_not_found",
-          `Key "${key}" does not exist in scope "${
-            scope ?? "_shared"
-          }" of room "${room.id}"`,
-          { scope: scope ?? "_shared", key },
+          `Key "${key}" does not exist in scope "${scope}" of room "${room.id}"`,
+          { scope, key },
         );
       }
       return c.json(entry);
@@ -401,7 +408,6 @@ export function createApp(options: AppOptions) {
       const input = c.req.valid("json");
       const result = await writeState(db, c.var.room.id, {
         ...input,
-        scope: input.scope ?? "_shared",
         delete: true,
       });
       if (!result.ok) throw refused(result, input.if_version);
@@ -411,17 +417,13 @@ export function createApp(options: AppOptions) {
     .post("/rooms/:id/batch", inRoom, body(Batch), (c) => {
       const input = c.req.valid("json");
       const roomId = c.var.room.id;
-      return once(c, roomId, async (key) => {
+      return once(c, roomId, async (idempotency) => {
         const result = await applyBatch(
           db,
           roomId,
-          (input.state ?? []).map((op) => ({
-            ...op,
-            scope: op.scope ?? "_shared",
-            increment: op.increment === true ? 1 : op.increment,
-          })),
+          input.state ?? [],
           (input.messages ?? []).map(toNewMessage),
-          key,
+          idempotency,
         );
         if (result.ok) {
           return {
@@ -432,12 +434,17 @@ export function createApp(options: AppOptions) {
         if ("missing_reply_to" in result) {
           throw replyNotFound(roomId, result.missing_reply_to);
         }
+        if (result.conflicts.length === 0) {
+          throw new ApiError(
+            "conflict",
+            "The batch raced with other writes on every try; nothing was written, retry",
+          );
+        }
         const versions = result.conflicts.some((conflict) =>
           conflict.reason === "version_conflict"
         );
         const code = versions ? "version_conflict" : result.conflicts[0].reason;
         throw new ApiError(
-          409,
           code,
           `The batch was not applied: ${result.conflicts.length} of its state writes ${
             {
@@ -471,6 +478,18 @@ const LastEventId = z.string().regex(/^\d{1,15}$/, {
   error: "must be a message id",
 }).transform(Number);
 
+/** Hex SHA-256 of a text. */
+async function sha256(text: string): Promise<string> {
+  const digest = await crypto.subtle.digest(
+    "SHA-256",
+    new TextEncoder().encode(text),
+  );
+  return Array.from(
+    new Uint8Array(digest),
+    (b) => b.toString(16).padStart(2, "0"),
+  ).join("");
+}
+
 function toNewMessage(input: PostMessage): NewMessage {
   return {
     from_agent: input.from ?? null,
@@ -485,7 +504,6 @@ function toNewMessage(input: PostMessage): NewMessage {
 function requireAgent(agent: string | undefined): string {
   if (agent !== undefined) return agent;
   throw new ApiError(
-    400,
     "invalid_request",
     'Invalid request body: field "agent" is required',
     {
@@ -496,7 +514,6 @@ function requireAgent(agent: string | undefined): string {
 
 function agentNotFound(roomId: string, id: string): ApiError {
   return new ApiError(
-    404,
     "agent_not_found",
     `Agent "${id}" is not registered in room "${roomId}"`,
     {
@@ -507,7 +524,6 @@ function agentNotFound(roomId: string, id: string): ApiError {
 
 function messageNotFound(roomId: string, id: number): ApiError {
   return new ApiError(
-    404,
     "message_not_found",
     `Message ${id} does not exist in room "${roomId}"`,
     {
@@ -518,7 +534,6 @@ function messageNotFound(roomId: string, id: number): ApiError {
 
 function replyNotFound(roomId: string, id: number): ApiError {
   return new ApiError(
-    400,
     "invalid_request",
     `Invalid request body: reply_to ${id} is not a message of room "${roomId}"`,
     { field: "reply_to" },
@@ -527,7 +542,6 @@ function replyNotFound(roomId: string, id: number): ApiError {
 
 function alreadyClaimed(message: Message): ApiError {
   return new ApiError(
-    409,
     "already_claimed",
     `Message ${message.id} is claimed by "${message.claimed_by}"${
       message.lease_expires_at ? ` until ${message.lease_expires_at}` : ""
@@ -547,7 +561,6 @@ function refused(
 ): ApiError {
   if (result.reason === "not_a_number") {
     return new ApiError(
-      409,
       "not_a_number",
       `Cannot increment: the current value of "${result.current?.key}" is not a number`,
       { current: result.current },
@@ -555,14 +568,12 @@ function refused(
   }
   if (result.reason === "out_of_range") {
     return new ApiError(
-      409,
       "out_of_range",
       `Cannot increment: the sum would be too large for a JSON number; nothing was written`,
       { current: result.current },
     );
   }
   return new ApiError(
-    409,
     "version_conflict",
     `Expected version ${expected} but the key is ${
       result.current ? `at version ${result.current.version}` : "absent"

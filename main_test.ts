@@ -8,6 +8,7 @@ import type { InArgs, InStatement } from "@libsql/client";
 import { Db, schemaVersion } from "./db.ts";
 import { type AppType, createApp } from "./main.ts";
 import { freshDb } from "./testing.ts";
+import { ERRORS } from "./errors.ts";
 
 type Reply = { status: number; body: unknown; headers: Headers };
 type Call = (
@@ -592,6 +593,33 @@ type BadCase = [string, string, string, unknown, number, string, string?];
 
 /** [name, method, path, body, status, code, field]: each on room "r" seeded by seedRoom. */
 const BAD_INPUT: BadCase[] = [
+  [
+    "state key with a lone surrogate",
+    "PUT",
+    "/rooms/r/state",
+    '{"key":"\\ud800","value":1}',
+    400,
+    "invalid_request",
+    "key",
+  ],
+  [
+    "agent name with a lone surrogate",
+    "POST",
+    "/rooms/r/agents",
+    '{"name":"a\\udc00"}',
+    400,
+    "invalid_request",
+    "name",
+  ],
+  [
+    "batch keys that SQLite would merge",
+    "POST",
+    "/rooms/r/batch",
+    '{"state":[{"key":"\\ud800","value":1,"if_version":0},{"key":"\\udc00","value":2,"if_version":0}]}',
+    400,
+    "invalid_request",
+    "state.0.key",
+  ],
   [
     "room id with a space",
     "POST",
@@ -1254,6 +1282,18 @@ test("the usage docs name every route of the app", async ({ app, call }) => {
       docs.includes(`${route.method} ${route.path}`),
       `${route.method} ${route.path}`,
     );
+  }
+});
+
+test("the usage docs and the README list every error code with its status", async ({ call }) => {
+  const docs = String((await call("GET", "/")).body);
+  const readme = await Deno.readTextFile(
+    new URL("./README.md", import.meta.url),
+  );
+  for (const [code, [status]] of Object.entries(ERRORS)) {
+    const row = new RegExp(`\\|\\s*${status}\\s*\\|\\s*\`${code}\`\\s*\\|`);
+    assert.match(docs, row, `docs: ${code}`);
+    assert.match(readme, row, `README: ${code}`);
   }
 });
 

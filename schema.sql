@@ -47,7 +47,10 @@ CREATE TABLE IF NOT EXISTS messages (
   reply_to INTEGER,
   claimed_by TEXT,
   claimed_at INTEGER,
-  lease_expires_at INTEGER
+  lease_expires_at INTEGER,
+  -- The room's rev at the last claim or release: streams on other instances read the
+  -- claims changed since the rev they saw.
+  claim_rev INTEGER
 ) STRICT;
 
 CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room_id, id);
@@ -57,6 +60,10 @@ CREATE INDEX IF NOT EXISTS messages_by_room_to ON messages (room_id, to_agent, i
 CREATE INDEX IF NOT EXISTS messages_by_reply ON messages (reply_to) WHERE reply_to IS NOT NULL;
 CREATE INDEX IF NOT EXISTS messages_leased ON messages (room_id, lease_expires_at)
   WHERE lease_expires_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_by_claim_rev ON messages (room_id, claim_rev)
+  WHERE claim_rev IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_held ON messages (room_id, id)
+  WHERE claimed_by IS NOT NULL;
 
 -- An entry whose expires_at has passed reads as absent everywhere.
 CREATE TABLE IF NOT EXISTS state (
@@ -72,10 +79,12 @@ CREATE TABLE IF NOT EXISTS state (
 
 CREATE INDEX IF NOT EXISTS state_expiring ON state (expires_at) WHERE expires_at IS NOT NULL;
 
--- The first answer to each Idempotency-Key, replayed for repeats.
+-- The first answer to each Idempotency-Key, replayed for repeats; `request` is a hash
+-- of the method, path and body, so a key reused for another request is refused.
 CREATE TABLE IF NOT EXISTS idempotency (
   room_id TEXT NOT NULL REFERENCES rooms (id) ON DELETE CASCADE,
   key TEXT NOT NULL,
+  request TEXT NOT NULL,
   created_at INTEGER NOT NULL,
   status INTEGER,
   response TEXT,

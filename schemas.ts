@@ -27,11 +27,19 @@ const Json = z.json({
 });
 
 /** A state key: any text without control characters. */
-const Key = z.string().min(1).max(512).regex(/^\P{Cc}*$/u, {
+/**
+ * Text stored as text (not inside JSON) must be well-formed: SQLite would turn a lone
+ * surrogate into U+FFFD, so two different keys could land on one row.
+ */
+const WellFormed = z.string().refine((s) => s.isWellFormed(), {
+  error: "must be well-formed Unicode (no lone surrogates)",
+});
+
+const Key = WellFormed.min(1).max(512).regex(/^\P{Cc}*$/u, {
   error: "must not contain control characters",
 });
 
-const Name = z.string().min(1).max(256);
+const Name = WellFormed.min(1).max(256);
 
 /** A non-negative integer in a query string. */
 const Count = z.string().regex(/^\d{1,15}$/, {
@@ -86,11 +94,17 @@ export type Release = z.infer<typeof Release>;
 
 const Version = z.number().int().min(0).max(Number.MAX_SAFE_INTEGER);
 
+/** The scope when none is given: state shared by the whole room. */
+export const SHARED = "_shared";
+
 const WRITE_FIELDS = {
-  scope: Id.optional(),
+  scope: Id.default(SHARED),
   key: Key,
   value: Json.optional(),
-  increment: z.union([z.literal(true), z.number()]).optional(),
+  increment: z.union([z.literal(true), z.number()]).transform((n) =>
+    n === true ? 1 : n
+  )
+    .optional(),
   merge: z.boolean().optional(),
   ttl: Seconds.optional(),
   if_version: Version.optional(),
@@ -127,7 +141,7 @@ export const PutState = z.strictObject(WRITE_FIELDS).superRefine(checkWrite);
 export type PutState = z.infer<typeof PutState>;
 
 export const DeleteState = z.strictObject({
-  scope: Id.optional(),
+  scope: Id.default(SHARED),
   key: Key,
   if_version: Version.optional(),
 });
@@ -277,14 +291,12 @@ export function body<
       value = JSON.parse(text);
     } catch {
       throw new ApiError(
-        400,
         "invalid_json",
         "The request body is not valid JSON",
       );
     }
     if (depth(value) > MAX_JSON_DEPTH) {
       throw new ApiError(
-        400,
         "invalid_request",
         `Invalid request body: JSON nests deeper than ${MAX_JSON_DEPTH} levels`,
       );
@@ -309,17 +321,6 @@ export function query<
     ));
 }
 
-/** Validates the path parameters. */
-export function path<
-  T extends z.ZodType,
-  E extends Env = Env,
-  P extends string = string,
->(
-  schema: T,
-): MiddlewareHandler<E, P, Validated<"param", T>> {
-  return validate("param", schema, (c) => c.req.param());
-}
-
 /** Parses with a schema or throws 400 `invalid_request` naming the first bad field. */
 export function parse<T extends z.ZodType>(
   schema: T,
@@ -336,7 +337,6 @@ export function parse<T extends z.ZodType>(
     )
     .map((issue) => describe(issue, where));
   throw new ApiError(
-    400,
     "invalid_request",
     `Invalid ${where}: ${issues[0].message}`,
     {

@@ -8,6 +8,12 @@ import type { Db } from "./db.ts";
 /** How long a drain waits for requests in flight before exiting anyway. */
 const DRAIN_TIMEOUT_MS = 10_000;
 
+/**
+ * How long streams, already told to end, get to close once the requests are done: a
+ * stream whose client stopped reading never will.
+ */
+const STREAM_GRACE_MS = 2_000;
+
 type Fetch = (
   request: Request,
   info: Deno.ServeHandlerInfo,
@@ -52,13 +58,17 @@ export function serve(
   const stop = async () => {
     if (draining) return;
     draining = true;
+    const until = (promise: Promise<unknown>, ms: number) =>
+      Promise.race([
+        promise,
+        new Promise((resolve) => setTimeout(resolve, ms)),
+      ]);
     options.onDrain?.();
     if (inFlight === 0) drained.resolve();
-    await Promise.race([
-      drained.promise,
-      new Promise((resolve) => setTimeout(resolve, DRAIN_TIMEOUT_MS)),
-    ]);
-    await server.shutdown();
+    await until(drained.promise, DRAIN_TIMEOUT_MS);
+    // Streams are not counted in flight; a client that stopped reading could hold
+    // shutdown() forever.
+    await until(server.shutdown(), STREAM_GRACE_MS);
     options.db.close();
     Deno.exit(0);
   };

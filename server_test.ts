@@ -352,12 +352,12 @@ Deno.test("a long-poll is held, woken within milliseconds by a write, and times 
   });
 });
 
-/** Reads SSE events from a response until `count` events arrived. */
+/** Reads SSE events from a response until `count` message events arrived; returns those. */
 async function readEvents(res: Response, count: number) {
   const events: { event: string; id?: string; data: unknown }[] = [];
   const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
-  while (events.length < count) {
+  while (events.filter((e) => e.event === "message").length < count) {
     const { value, done } = await reader.read();
     if (done) break;
     buffer += value;
@@ -381,7 +381,7 @@ async function readEvents(res: Response, count: number) {
     }
   }
   await reader.cancel();
-  return events;
+  return events.filter((e) => e.event === "message");
 }
 
 Deno.test("the SSE stream sends messages in order and Last-Event-ID resumes with no gap or duplicate", async () => {
@@ -574,5 +574,35 @@ Deno.test("SIGTERM ends open long-polls and streams at once and exits within a f
       (await streamText).includes("event: state"),
       "the stream ended cleanly",
     );
+  });
+});
+
+Deno.test("SIGTERM exits even when a stream's client stopped reading", async () => {
+  await withTempDir(async (dir) => {
+    const server = await start({ DATABASE_URL: `file:${dir}/sync.db` });
+    const base = server.url;
+    await call(base, "POST", "/rooms", 201, { id: "r" });
+    const { port } = new URL(base);
+    const conn = await Deno.connect({
+      hostname: "127.0.0.1",
+      port: Number(port),
+    });
+    await conn.write(
+      new TextEncoder().encode(
+        `GET /rooms/r/stream HTTP/1.1\r\nHost: x\r\n\r\n`,
+      ),
+    );
+    // 12 MB of messages the client never reads fill every buffer on the way.
+    const big = "x".repeat(200_000);
+    for (let i = 0; i < 60; i++) {
+      await call(base, "POST", "/rooms/r/messages", 201, { body: big });
+    }
+    const t0 = performance.now();
+    const status = await server.stop("SIGTERM");
+    const took = performance.now() - t0;
+    conn.close();
+    assert.equal(status.code, 0);
+    assert.ok(took < 4_000, `exited after ${took.toFixed(0)} ms`);
+    console.log(`exit with a stalled stream open: ${took.toFixed(0)} ms`);
   });
 });

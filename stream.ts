@@ -1,18 +1,43 @@
 /**
- * The room as Server-Sent Events: `message` events carry the message id as the SSE
- * id (so `Last-Event-ID` resumes with no gap and no duplicate), `state`, `agent` and
- * `claim` events carry changes, and a comment every 15 s keeps proxies from timing out.
+ * The room as Server-Sent Events. First the backlog and a snapshot: every message after
+ * the cursor (`message` events, whose SSE id is the message id, so `Last-Event-ID`
+ * resumes with no gap and no duplicate), then an `agent` event per agent, a `state`
+ * event per live key and a `claim` event per held claim, then `ready`. After that, live
+ * changes as they commit. A comment every 15 s keeps proxies from timing out.
  */
 import type { Context } from "hono";
 import { streamSSE } from "hono/streaming";
-import { type Db, listAgents, listMessages, listState, roomRev } from "./db.ts";
-import type { RoomEvent } from "./notify.ts";
+import {
+  type Agent,
+  changedClaims,
+  type Db,
+  listAgents,
+  listMessages,
+  listState,
+  type Message,
+  roomRev,
+  type StateEntry,
+} from "./db.ts";
 
 /** How often an idle stream sends a keepalive comment (ms). */
 export const KEEPALIVE_MS = 15_000;
 
 /** Messages read from the database per step while catching up. */
 const PAGE = 500;
+
+/**
+ * Work a stream owes its client. Events coalesce here (the latest per key, agent and
+ * message), so a client that reads slowly costs bounded memory, never a queue of
+ * every event since it stopped reading.
+ */
+type Pending = {
+  messages: boolean;
+  /** Something changed on another instance: re-read what the events would have said. */
+  changed: boolean;
+  claims: Map<number, Message>;
+  agents: Map<string, Agent>;
+  state: Map<string, { scope: string; key: string; entry: StateEntry | null }>;
+};
 
 /** Streams room `roomId` from message id `after` until the client goes away or `stop` aborts. */
 export function streamRoom(
@@ -24,24 +49,40 @@ export function streamRoom(
 ): Response {
   c.header("X-Accel-Buffering", "no");
   return streamSSE(c, async (stream) => {
-    const queue: RoomEvent[] = [];
+    const pending: Pending = {
+      messages: false,
+      changed: false,
+      claims: new Map(),
+      agents: new Map(),
+      state: new Map(),
+    };
     let wake = Promise.withResolvers<void>();
-    const unsubscribe = db.notifier.subscribe(
-      roomId,
-      await roomRev(db, roomId),
-      (event) => {
-        queue.push(event);
-        wake.resolve();
-      },
-    );
+    const rev = await roomRev(db, roomId);
+    const unsubscribe = db.notifier.subscribe(roomId, rev, (event) => {
+      if (event.type === "message") pending.messages = true;
+      else if (event.type === "changed") pending.changed = true;
+      else if (event.type === "claim") {
+        pending.claims.set(event.message.id, event.message);
+      } else if (event.type === "agent") {
+        pending.agents.set(event.agent.id, event.agent);
+      } else pending.state.set(`${event.scope}\n${event.key}`, event);
+      wake.resolve();
+    });
+    const ended = () =>
+      stream.aborted || stream.closed || stop?.aborted === true;
+    const end = () => {
+      wake.resolve();
+      // A write blocked on a client that stopped reading must not hold the drain.
+      if (stop?.aborted) stream.abort();
+    };
+    stream.onAbort(() => wake.resolve());
+    stop?.addEventListener("abort", end);
     const keepalive = setInterval(() => {
       stream.write(": keepalive\n\n").catch(() => wake.resolve());
     }, KEEPALIVE_MS);
-    stream.onAbort(() => wake.resolve());
-    const ended = () =>
-      stream.aborted || stream.closed || stop?.aborted === true;
-    const onStop = () => wake.resolve();
-    stop?.addEventListener("abort", onStop);
+
+    const send = (event: string, data: unknown, id?: string) =>
+      stream.writeSSE({ event, data: JSON.stringify(data), id });
 
     let cursor = after;
     /** Sends every message above the cursor, in id order, from the database. */
@@ -53,112 +94,95 @@ export function streamRoom(
           order: "asc",
         });
         for (const message of page) {
-          await stream.writeSSE({
-            event: "message",
-            id: String(message.id),
-            data: JSON.stringify(message),
-          });
+          await send("message", message, String(message.id));
           cursor = message.id;
         }
         if (page.length < PAGE) return;
       }
     };
-    // What was last sent of each key and agent, to send only changes after a
-    // `changed` event (a write on another instance, which carries no details).
-    // Stamps compare as text: the entry's time, then its version (a key rewritten after
-    // its TTL ran out starts again at version 1, with a later time).
-    const stamp = (entry: { updated_at: unknown; version: unknown }) =>
+
+    // What was last sent of each key and agent. Stamps compare as text: the time, then
+    // the version (a key rewritten after its TTL ran out starts again at version 1).
+    const stamp = (entry: StateEntry) =>
       `${entry.updated_at} ${String(entry.version).padStart(16, "0")}`;
-    const versions = new Map<string, string>();
-    const seen = new Map<string, string>();
-    const sendState = async () => {
-      const entries = await listState(db, roomId);
+    const sentState = new Map<string, string>();
+    const sentAgents = new Map<string, string>();
+    let claimRev = 0;
+
+    const sendStateEntry = async (
+      id: string,
+      scope: string,
+      key: string,
+      entry: StateEntry | null,
+    ) => {
+      if (entry === null) {
+        if (!sentState.delete(id)) return;
+        return send("state", { room_id: roomId, scope, key, deleted: true });
+      }
+      // An event from before the snapshot was read may be older than what was sent.
+      if (stamp(entry) <= (sentState.get(id) ?? "")) return;
+      sentState.set(id, stamp(entry));
+      await send("state", entry);
+    };
+    const sendAgent = async (agent: Agent) => {
+      if (agent.last_seen < (sentAgents.get(agent.id)?.slice(0, 24) ?? "")) {
+        return;
+      }
+      const signature = `${agent.last_seen} ${agent.status}`;
+      if (sentAgents.get(agent.id) === signature) return;
+      sentAgents.set(agent.id, signature);
+      await send("agent", agent);
+    };
+    /** Re-reads agents, state and claims: the snapshot, and changes made elsewhere. */
+    const resync = async () => {
+      for (const agent of await listAgents(db, roomId)) await sendAgent(agent);
       const live = new Set<string>();
-      for (const entry of entries) {
+      for (const entry of await listState(db, roomId)) {
         const id = `${entry.scope}\n${entry.key}`;
         live.add(id);
-        if (versions.get(id) === stamp(entry)) continue;
-        versions.set(id, stamp(entry));
-        await stream.writeSSE({ event: "state", data: JSON.stringify(entry) });
+        await sendStateEntry(id, entry.scope, entry.key, entry);
       }
-      for (const id of versions.keys()) {
+      for (const id of [...sentState.keys()]) {
         if (live.has(id)) continue;
-        versions.delete(id);
         const [scope, key] = id.split("\n");
-        await stream.writeSSE({
-          event: "state",
-          data: JSON.stringify({ room_id: roomId, scope, key, deleted: true }),
-        });
+        await sendStateEntry(id, scope, key, null);
       }
-    };
-    const sendAgents = async () => {
-      for (const agent of await listAgents(db, roomId)) {
-        const signature = `${agent.status} ${agent.last_seen}`;
-        if (seen.get(agent.id) === signature) continue;
-        seen.set(agent.id, signature);
-        await stream.writeSSE({ event: "agent", data: JSON.stringify(agent) });
-      }
+      const claims = await changedClaims(db, roomId, claimRev);
+      claimRev = claims.rev;
+      for (const message of claims.messages) await send("claim", message);
     };
 
     try {
       await catchUp();
-      await sendAgents();
-      await sendState();
+      await resync();
+      await send("ready", { room_id: roomId, after: cursor });
       while (!ended()) {
         await wake.promise;
         wake = Promise.withResolvers<void>();
-        for (const event of queue.splice(0)) {
-          if (ended()) break;
-          if (event.type === "message" || event.type === "changed") {
-            await catchUp();
-          }
-          if (event.type === "changed") await sendAgents(), await sendState();
-          if (event.type === "claim") {
-            await stream.writeSSE({
-              event: "claim",
-              data: JSON.stringify(event.message),
-            });
-          }
-          if (event.type === "agent") {
-            // An event queued while the first snapshot was read may be older than it.
-            const last = seen.get(event.agent.id)?.split(" ")[1] ?? "";
-            if (String(event.agent.last_seen) < last) continue;
-            seen.set(
-              event.agent.id,
-              `${event.agent.status} ${event.agent.last_seen}`,
-            );
-            await stream.writeSSE({
-              event: "agent",
-              data: JSON.stringify(event.agent),
-            });
-          }
-          if (event.type === "state") {
-            const id = `${event.scope}\n${event.key}`;
-            // An event queued while the first snapshot was read may be older than it.
-            const next = event.entry === null ? undefined : stamp(event.entry);
-            if (next !== undefined && next <= (versions.get(id) ?? "")) {
-              continue;
-            }
-            if (next === undefined) versions.delete(id);
-            else versions.set(id, next);
-            await stream.writeSSE({
-              event: "state",
-              data: JSON.stringify(
-                event.entry ??
-                  {
-                    room_id: roomId,
-                    scope: event.scope,
-                    key: event.key,
-                    deleted: true,
-                  },
-              ),
-            });
-          }
+        if (pending.messages || pending.changed) {
+          pending.messages = false;
+          await catchUp();
+        }
+        if (pending.changed) {
+          pending.changed = false;
+          await resync();
+        }
+        for (const [id, message] of pending.claims) {
+          pending.claims.delete(id);
+          await send("claim", message);
+        }
+        for (const [id, agent] of pending.agents) {
+          pending.agents.delete(id);
+          await sendAgent(agent);
+        }
+        for (const [id, { scope, key, entry }] of pending.state) {
+          pending.state.delete(id);
+          await sendStateEntry(id, scope, key, entry);
         }
       }
     } finally {
       clearInterval(keepalive);
-      stop?.removeEventListener("abort", onStop);
+      stop?.removeEventListener("abort", end);
       unsubscribe();
     }
   }, async (error, stream) => {

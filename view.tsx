@@ -289,7 +289,12 @@ function stateRow(s) {
     el("td", {}, el("pre", {}, show(s.value))), version);
 }
 
+// What this connection's snapshot has said; on "ready", rows it did not mention are
+// gone (deleted or released while the page was disconnected).
+let fresh = { state: new Set(), claims: new Set() };
+
 function onMessage(m) {
+  fresh.claims.add(m.id);
   if (m.id <= after) return;
   after = m.id;
   const list = document.getElementById("messages");
@@ -299,6 +304,7 @@ function onMessage(m) {
   if (nearBottom) scrollTo(0, document.body.scrollHeight);
 }
 function onClaim(m) {
+  fresh.claims.add(m.id);
   const item = document.getElementById("m-" + m.id);
   if (!item) return;
   item.querySelector(".claim").replaceWith(el("span", { class: "claim", "data-until": m.lease_expires_at ?? "" }, claimText(m)));
@@ -311,6 +317,7 @@ function onAgent(a) {
 function onState(s) {
   const body = document.getElementById("state");
   const id = s.scope + "\\n" + s.key;
+  fresh.state.add(id);
   const old = [...body.children].find((row) => row.dataset.key === id);
   if (s.deleted) return old && old.remove();
   const row = stateRow(s);
@@ -344,11 +351,21 @@ function setStatus(text, cls) {
   node.className = cls;
 }
 
-const handlers = { message: onMessage, claim: onClaim, agent: onAgent, state: onState };
+function onReady() {
+  for (const row of [...document.getElementById("state").children]) {
+    if (!fresh.state.has(row.dataset.key)) row.remove();
+  }
+  for (const item of document.querySelectorAll("#messages li")) {
+    if (!fresh.claims.has(Number(item.id.slice(2)))) item.querySelector(".claim").textContent = "";
+  }
+}
+
+const handlers = { message: onMessage, claim: onClaim, agent: onAgent, state: onState, ready: onReady };
 
 async function follow() {
   const res = await fetch(base + "/stream?after=" + after, { headers: { accept: "text/event-stream" } });
   if (!res.ok || !res.body) throw new Error("stream answered " + res.status);
+  fresh = { state: new Set(), claims: new Set() };
   setStatus("live", "live");
   const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";

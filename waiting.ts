@@ -21,8 +21,8 @@ import type { Notifier, RoomEvent } from "./notify.ts";
 /**
  * Long-poll: runs `check` until it returns a value, an event for which `wakes` is true
  * having arrived in between, or until `ms` pass or `signal` aborts; then returns the
- * last check's result. The listener is registered before each check, so no write can
- * slip between the check and the wait. A check may name a time when the answer changes
+ * last check's result. The listener is registered before the first check, so no write
+ * can slip between a check and the wait. A check may name a time when the answer changes
  * with no write (a TTL or a lease running out) through `recheckAt`.
  */
 export async function waitFor<T>(options: {
@@ -36,29 +36,31 @@ export async function waitFor<T>(options: {
 }): Promise<T | undefined> {
   const { notifier, room, rev, signal, check, wakes } = options;
   const deadline = Date.now() + options.ms;
-  for (;;) {
-    const woke = Promise.withResolvers<void>();
-    const unsubscribe = notifier.subscribe(room, rev, (event) => {
-      if (wakes(event)) woke.resolve();
-    });
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const abort = () => woke.resolve();
-    let until = deadline;
-    try {
+  let woke = Promise.withResolvers<void>();
+  const unsubscribe = notifier.subscribe(room, rev, (event) => {
+    if (wakes(event)) woke.resolve();
+  });
+  const abort = () => woke.resolve();
+  signal?.addEventListener("abort", abort, { once: true });
+  try {
+    for (;;) {
+      // A fresh promise before each check: an event during the check resolves it.
+      woke = Promise.withResolvers<void>();
+      let until = deadline;
       const result = await check((time) => until = Math.min(until, time));
-      const remaining = deadline - Date.now();
-      if (result !== undefined || remaining <= 0 || signal?.aborted) {
+      if (result !== undefined || Date.now() >= deadline || signal?.aborted) {
         return result;
       }
-      timer = setTimeout(abort, Math.max(0, until - Date.now()));
-      signal?.addEventListener("abort", abort, { once: true });
+      const timer = setTimeout(abort, Math.max(0, until - Date.now()));
       await woke.promise;
-    } finally {
       clearTimeout(timer);
-      signal?.removeEventListener("abort", abort);
-      unsubscribe();
+      if (Date.now() >= deadline || signal?.aborted) {
+        return await check(() => {});
+      }
     }
-    if (Date.now() >= deadline || signal?.aborted) return await check(() => {});
+  } finally {
+    signal?.removeEventListener("abort", abort);
+    unsubscribe();
   }
 }
 
@@ -146,12 +148,21 @@ export async function waitForState(
   return found ? found.entry : await getState(db, roomId, scope, key);
 }
 
-type Held = { count: number; previous: Status; shown: Promise<boolean> };
-const held = new WeakMap<Db, Map<string, Held>>();
+type Spell = {
+  count: number;
+  previous: Status;
+  /** Whether the agent is registered (and now shown as waiting). */
+  shown: Promise<boolean>;
+  /** Set when the last wait ended: the status is being put back. */
+  ending?: Promise<void>;
+};
+const spells = new WeakMap<Db, Map<string, Spell>>();
 
 /**
  * Runs `fn` with the agent shown as `waiting` (when it is registered), then puts back
- * the status it had. Overlapping waits of one agent share one `waiting` spell.
+ * the status it had, unless it sent another meanwhile. Overlapping waits of one agent
+ * share one spell; a wait that starts while a spell is ending waits for it to end, so
+ * the status saved is never `waiting` itself.
  */
 export async function whileWaiting<T>(
   db: Db,
@@ -160,12 +171,16 @@ export async function whileWaiting<T>(
   fn: () => Promise<T>,
 ): Promise<T> {
   if (agentId === undefined) return fn();
-  let spells = held.get(db);
-  if (!spells) held.set(db, spells = new Map());
+  let room = spells.get(db);
+  if (!room) spells.set(db, room = new Map());
   const id = `${roomId}\n${agentId}`;
-  let spell = spells.get(id);
+  let spell = room.get(id);
+  while (spell?.ending) {
+    await spell.ending;
+    spell = room.get(id);
+  }
   if (!spell) {
-    const created: Held = {
+    const created: Spell = {
       count: 0,
       previous: "active",
       shown: Promise.resolve(false),
@@ -177,7 +192,7 @@ export async function whileWaiting<T>(
       await touchAgent(db, roomId, agentId, "waiting");
       return true;
     })();
-    spells.set(id, spell = created);
+    room.set(id, spell = created);
   }
   spell.count++;
   try {
@@ -185,12 +200,19 @@ export async function whileWaiting<T>(
     return await fn();
   } finally {
     if (--spell.count === 0) {
-      spells.delete(id);
-      if (await spell.shown) {
-        await endWaiting(db, roomId, agentId, spell.previous).catch((error) =>
-          console.error("waiting: cannot restore presence:", error)
-        );
-      }
+      const ending = spell;
+      ending.ending = (async () => {
+        try {
+          if (await ending.shown) {
+            await endWaiting(db, roomId, agentId, ending.previous);
+          }
+        } catch (error) {
+          console.error("waiting: cannot restore presence:", error);
+        } finally {
+          room.delete(id);
+        }
+      })();
+      await ending.ending;
     }
   }
 }

@@ -38,7 +38,7 @@ post results → write state → repeat.
 | \`GET /rooms\` | | 200 \`[room]\` |
 | \`GET /rooms/:id\` | | 200 \`{id, created_at, meta}\` |
 | \`GET /rooms/:id/context\` | \`?messages=50\` | 200 \`{room, agents, state, messages: {items, total, next_after}}\`: all a late joiner needs |
-| \`GET /rooms/:id/stream\` | \`?after=0\` or \`Last-Event-ID\` | Server-Sent Events: \`message\` (SSE id = message id), \`state\`, \`agent\`, \`claim\` |
+| \`GET /rooms/:id/stream\` | \`?after=0\` or \`Last-Event-ID\` | Server-Sent Events: \`message\` (SSE id = message id), a snapshot then \`ready\`, then \`state\`, \`agent\`, \`claim\` |
 | \`POST /rooms/:id/agents\` | \`{id?, name, role?, meta?}\` | 201 \`{id, room_id, name, role, joined_at, meta, status, last_seen, idle_ms}\` |
 | \`GET /rooms/:id/agents\` | | 200 \`[agent]\` |
 | \`POST /rooms/:id/agents/:agent/heartbeat\` | \`{status?}\` | 200 agent; status is \`active\`, \`idle\`, \`busy\`, \`waiting\` or \`done\` |

@@ -47,7 +47,7 @@ function caller(app: App): Call {
 function test(name: string, fn: (api: Api) => Promise<void>) {
   Deno.test(name, async () => {
     const { db, close } = await freshDb();
-    const app = createApp({ db });
+    const app = createApp({ db, rateLimit: null });
     try {
       const call = caller(app);
       assert.equal((await call("POST", "/rooms", { id: "r" })).status, 201);
@@ -84,6 +84,14 @@ function times(value: unknown): unknown {
       if (TIME_FIELDS.includes(k) && v !== null) {
         assert.match(String(v), ISO, `${k} is ISO 8601 UTC`);
         return [k, "<time>"];
+      }
+      if (k === "token" || k === "view_token") {
+        assert.match(
+          String(v),
+          /^(room|view|as)_[A-Za-z0-9_-]{43}$/,
+          `${k} is a token`,
+        );
+        return [k, "<token>"];
       }
       if (k === "idle_ms") {
         assert.ok(
@@ -175,10 +183,13 @@ async function post(call: Call, body: Record<string, unknown>, room = "r") {
   return res.body as Message;
 }
 
+/** Registers an agent; returns it as reads show it (the token is shown only here). */
 async function register(call: Call, id: string) {
   const res = await call("POST", "/rooms/r/agents", { id, name: id });
   assert.equal(res.status, 201, JSON.stringify(res.body));
-  return res.body as Agent;
+  const { token, ...agent } = res.body as Agent & { token: string };
+  assert.match(token, /^as_[A-Za-z0-9_-]{43}$/);
+  return agent as Agent;
 }
 
 async function ids(call: Call, query: string): Promise<number[]> {
@@ -2108,6 +2119,7 @@ test("agents carry status active, last_seen and a growing idle_ms", async ({ cal
     status: "active",
     last_seen: "<time>",
     idle_ms: "<ms>",
+    token: "<token>",
   });
   const agent = res.body as Agent;
   assert.equal(agent.last_seen, agent.joined_at);
@@ -2262,7 +2274,7 @@ test("GET context returns the room, agents, state and the newest N messages asce
   const res = await call("GET", "/rooms/r/context?messages=3");
   assert.equal(res.status, 200);
   assert.deepEqual(times(res.body), {
-    room: { id: "r", created_at: "<time>", meta: {} },
+    room: { id: "r", created_at: "<time>", meta: {}, locked: false },
     agents: [{
       id: "a",
       room_id: "r",

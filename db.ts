@@ -21,7 +21,19 @@ export type DbOptions = {
   migrations?: string[][];
 };
 
-export type Room = { id: string; created_at: string; meta: unknown };
+export type Room = {
+  id: string;
+  created_at: string;
+  meta: unknown;
+  locked: boolean;
+};
+
+/** A room and the hashes of its tokens (null for a room made before tokens). */
+export type RoomRecord = {
+  room: Room;
+  token_hash: string | null;
+  view_token_hash: string | null;
+};
 
 /** What an agent says it is doing; `waiting` is set by the server during a wait. */
 export const STATUSES = ["active", "idle", "busy", "waiting", "done"] as const;
@@ -238,6 +250,7 @@ function toRoom(row: Row): Room {
     id: String(row.id),
     created_at: iso(row.created_at),
     meta: json(row.meta),
+    locked: Boolean(row.locked),
   };
 }
 
@@ -294,17 +307,35 @@ async function all(db: Db, stmt: InStatement): Promise<Row[]> {
 
 // ---- rooms ----
 
-const ROOM_COLUMNS = "id, created_at, meta";
+const ROOM_COLUMNS = "id, created_at, meta, locked";
 
-/** Creates a room, or returns the one with that id (`created` says which). */
+/**
+ * Creates a room with the hashes of its tokens, or returns the one with that id
+ * (`created` says which; an existing room keeps its meta, lock and tokens).
+ */
 export async function createRoom(
   db: Db,
-  room: { id: string; meta: unknown },
+  room: {
+    id: string;
+    meta: unknown;
+    locked: boolean;
+    token_hash: string;
+    view_token_hash: string;
+  },
 ): Promise<{ room: Room; created: boolean }> {
   const [inserted] = await all(db, {
-    sql: `INSERT INTO rooms (id, created_at, meta) VALUES (?, ?, ?)
+    sql:
+      `INSERT INTO rooms (id, created_at, meta, locked, token_hash, view_token_hash)
+          VALUES (?, ?, ?, ?, ?, ?)
           ON CONFLICT (id) DO NOTHING RETURNING ${ROOM_COLUMNS}`,
-    args: [room.id, Date.now(), JSON.stringify(room.meta)],
+    args: [
+      room.id,
+      Date.now(),
+      JSON.stringify(room.meta),
+      room.locked ? 1 : 0,
+      room.token_hash,
+      room.view_token_hash,
+    ],
   });
   if (inserted) return { room: toRoom(inserted), created: true };
   const existing = await getRoom(db, room.id);
@@ -313,22 +344,49 @@ export async function createRoom(
   return { room: existing, created: false };
 }
 
-/** One room, or null. */
-export async function getRoom(db: Db, id: string): Promise<Room | null> {
+/** One room with its token hashes, or null. */
+export async function findRoom(db: Db, id: string): Promise<RoomRecord | null> {
   const [row] = await all(db, {
-    sql: `SELECT ${ROOM_COLUMNS} FROM rooms WHERE id = ?`,
+    sql:
+      `SELECT ${ROOM_COLUMNS}, token_hash, view_token_hash FROM rooms WHERE id = ?`,
     args: [id],
   });
-  return row ? toRoom(row) : null;
+  if (!row) return null;
+  return {
+    room: toRoom(row),
+    token_hash: textOrNull(row.token_hash),
+    view_token_hash: textOrNull(row.view_token_hash),
+  };
 }
 
-/** Every room, oldest first. */
-export async function listRooms(db: Db): Promise<Room[]> {
+/** One room, or null. */
+export async function getRoom(db: Db, id: string): Promise<Room | null> {
+  return (await findRoom(db, id))?.room ?? null;
+}
+
+/** Every room, oldest first; locked ones only when asked for. */
+export async function listRooms(db: Db, withLocked: boolean): Promise<Room[]> {
   const rows = await all(
     db,
-    `SELECT ${ROOM_COLUMNS} FROM rooms ORDER BY created_at, rowid`,
+    `SELECT ${ROOM_COLUMNS} FROM rooms ${withLocked ? "" : "WHERE locked = 0"}
+     ORDER BY created_at, rowid`,
   );
   return rows.map((row) => toRoom(row));
+}
+
+/** Deletes a room and everything in it, in one transaction; false if it was absent. */
+export async function deleteRoom(db: Db, id: string): Promise<boolean> {
+  const results = await (await db.client()).batch(
+    [
+      "DELETE FROM idempotency WHERE room_id = ?",
+      "DELETE FROM state WHERE room_id = ?",
+      "DELETE FROM messages WHERE room_id = ?",
+      "DELETE FROM agents WHERE room_id = ?",
+      "DELETE FROM rooms WHERE id = ?",
+    ].map((sql) => ({ sql, args: [id] })),
+    "write",
+  );
+  return results.at(-1)!.rowsAffected > 0;
 }
 
 /** The change counter of each room named (rooms that do not exist are left out). */
@@ -361,7 +419,7 @@ export async function roomRev(db: Db, id: string): Promise<number> {
 const AGENT_COLUMNS =
   "id, room_id, name, role, joined_at, meta, status, last_seen";
 
-/** Registers an agent; null when the id is taken in that room. */
+/** Registers an agent with the hash of its token; null when the id is taken in that room. */
 export async function insertAgent(
   db: Db,
   agent: {
@@ -370,13 +428,14 @@ export async function insertAgent(
     name: string;
     role: string;
     meta: unknown;
+    token_hash: string;
   },
 ): Promise<Agent | null> {
   const now = Date.now();
   const [row] = await all(db, {
-    sql:
-      `INSERT INTO agents (id, room_id, name, role, joined_at, meta, status, last_seen)
-          VALUES (?, ?, ?, ?, ?, ?, 'active', ?)
+    sql: `INSERT INTO agents
+            (id, room_id, name, role, joined_at, meta, status, last_seen, token_hash)
+          VALUES (?, ?, ?, ?, ?, ?, 'active', ?, ?)
           ON CONFLICT (room_id, id) DO NOTHING RETURNING ${AGENT_COLUMNS}`,
     args: [
       agent.id,
@@ -386,12 +445,63 @@ export async function insertAgent(
       now,
       JSON.stringify(agent.meta),
       now,
+      agent.token_hash,
     ],
   });
   if (!row) return null;
   const registered = toAgent(row, now);
   db.notifier.publish(agent.room_id, { type: "agent", agent: registered });
   return registered;
+}
+
+/**
+ * Registers an existing agent again: new name, role and meta, and a new token hash
+ * when one is given (else the token is kept); it counts as being seen.
+ */
+export async function updateAgent(
+  db: Db,
+  agent: {
+    id: string;
+    room_id: string;
+    name: string;
+    role: string;
+    meta: unknown;
+    token_hash?: string;
+  },
+): Promise<Agent | null> {
+  const now = Date.now();
+  const [row] = await all(db, {
+    sql:
+      `UPDATE agents SET name = ?, role = ?, meta = ?, last_seen = max(last_seen, ?),
+            token_hash = coalesce(?, token_hash)
+          WHERE room_id = ? AND id = ? RETURNING ${AGENT_COLUMNS}`,
+    args: [
+      agent.name,
+      agent.role,
+      JSON.stringify(agent.meta),
+      now,
+      agent.token_hash ?? null,
+      agent.room_id,
+      agent.id,
+    ],
+  });
+  if (!row) return null;
+  const updated = toAgent(row, now);
+  db.notifier.publish(agent.room_id, { type: "agent", agent: updated });
+  return updated;
+}
+
+/** The id of the agent of a room whose token has this hash, or null. */
+export async function agentByToken(
+  db: Db,
+  roomId: string,
+  tokenHash: string,
+): Promise<string | null> {
+  const [row] = await all(db, {
+    sql: "SELECT id FROM agents WHERE token_hash = ? AND room_id = ?",
+    args: [tokenHash, roomId],
+  });
+  return row ? String(row.id) : null;
 }
 
 /** One agent of a room, or null. */

@@ -34,12 +34,14 @@ post results → write state → repeat.
 
 | method and path | body or query | answer |
 | --- | --- | --- |
-| \`POST /rooms\` | \`{id?, meta?}\` | 201 room; 200 with the room if the id exists |
+| \`POST /rooms\` | \`{id?, meta?, locked?}\` | 201 room with \`token\` and \`view_token\` (shown once); 200 with the room if the id exists |
 | \`GET /rooms\` | | 200 \`[room]\` |
-| \`GET /rooms/:id\` | | 200 \`{id, created_at, meta}\` |
+| \`GET /rooms/:id\` | | 200 \`{id, created_at, meta, locked}\` |
+| \`DELETE /rooms/:id\` | room token | 200 \`{deleted: true}\`: the room and everything in it |
+| \`GET /limits\` | | 200 the limits in force (body size, rate, batch size, wait) |
 | \`GET /rooms/:id/context\` | \`?messages=50\` | 200 \`{room, agents, state, messages: {items, total, next_after}}\`: all a late joiner needs |
 | \`GET /rooms/:id/stream\` | \`?after=0\` or \`Last-Event-ID\` | Server-Sent Events: \`message\` (SSE id = message id), a snapshot then \`ready\`, then \`state\`, \`agent\`, \`claim\` |
-| \`POST /rooms/:id/agents\` | \`{id?, name, role?, meta?}\` | 201 \`{id, room_id, name, role, joined_at, meta, status, last_seen, idle_ms}\` |
+| \`POST /rooms/:id/agents\` | \`{id?, name, role?, meta?, rotate_token?}\` | 201 agent with its \`token\` (shown once); again with its token: 200 |
 | \`GET /rooms/:id/agents\` | | 200 \`[agent]\` |
 | \`POST /rooms/:id/agents/:agent/heartbeat\` | \`{status?}\` | 200 agent; status is \`active\`, \`idle\`, \`busy\`, \`waiting\` or \`done\` |
 | \`POST /rooms/:id/messages\` | \`{from?, to?, kind?, body, reply_to?}\` | 201 message; header \`Idempotency-Key\` makes a retry safe |

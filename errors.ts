@@ -16,6 +16,20 @@ export const ERRORS = {
     400,
     "a field, parameter or header is missing, unknown, of the wrong type or out of range (`field` names it, `issues` lists every problem)",
   ],
+  invalid_token: [
+    401,
+    "the bearer token is malformed, unknown, or not one of this room's (`Authorization: Bearer <token>`)",
+  ],
+  token_required: [401, "the room is locked: send a token of the room"],
+  read_only: [403, "a view token reads only"],
+  forbidden: [
+    403,
+    "this needs the room token (deleting the room, joining a locked room)",
+  ],
+  identity_mismatch: [
+    403,
+    "an agent token acts as its agent only: `from`, `agent` or the scope named another",
+  ],
   not_found: [404, "no such route (or method)"],
   room_not_found: [404, "no room has that id: create it with `POST /rooms`"],
   key_not_found: [404, "no live state entry has that scope and key"],
@@ -51,6 +65,10 @@ export const ERRORS = {
   ],
   conflict: [409, "the write raced with another one; read and retry"],
   payload_too_large: [413, "the body is over `MAX_BODY_BYTES`"],
+  rate_limited: [
+    429,
+    "too many requests from this token or address; wait `Retry-After` seconds",
+  ],
   database_busy: [
     503,
     "the database stayed locked past the busy timeout; retry (`Retry-After`)",

@@ -5,17 +5,22 @@
  */
 import { type Context, Hono } from "hono";
 import { bodyLimit } from "hono/body-limit";
+import { cors } from "hono/cors";
 import { createMiddleware } from "hono/factory";
+import { NONCE, secureHeaders } from "hono/secure-headers";
 import { z } from "zod";
 import {
   applyBatch,
   claimMessage,
   createRoom,
   Db,
+  deleteRoom,
+  findRoom,
   getAgent,
   getIdempotent,
   getRoom,
   type Idempotency,
+  IDEMPOTENCY_TTL_MS,
   insertAgent,
   insertMessage,
   isKeyTaken,
@@ -32,10 +37,25 @@ import {
   saveIdempotent,
   type StateEntry,
   touchAgent,
+  updateAgent,
   type WriteResult,
   writeState,
 } from "./db.ts";
+import {
+  actingAs,
+  bearer,
+  type Caller,
+  hashToken,
+  identify,
+  isAdmin,
+  mayAdminister,
+  mayRead,
+  mayWrite,
+  mayWriteScope,
+  newToken,
+} from "./auth.ts";
 import { usage } from "./docs.ts";
+import { type RateLimit, rateLimit } from "./limits.ts";
 import {
   ApiError,
   errorResponse,
@@ -55,6 +75,8 @@ import {
   Heartbeat,
   Id,
   ListMessages,
+  MAX_BATCH,
+  MAX_JSON_DEPTH,
   parse,
   PostMessage,
   PutState,
@@ -84,6 +106,10 @@ const DATABASE_AUTH_TOKEN = Deno.env.get("DATABASE_AUTH_TOKEN") || undefined;
 const PORT = envInt("PORT", 8000);
 const HOST = Deno.env.get("HOST") || "0.0.0.0";
 const MAX_BODY_BYTES = envInt("MAX_BODY_BYTES", 256 * 1024);
+const RATE_LIMIT = envInt("RATE_LIMIT", 100);
+const RATE: RateLimit | null = RATE_LIMIT === 0
+  ? null
+  : { per_second: RATE_LIMIT, burst: envInt("RATE_BURST", 2 * RATE_LIMIT) };
 
 /** Messages the viewer renders on first load; later ones arrive live. */
 const VIEWER_MESSAGES = 200;
@@ -96,26 +122,66 @@ export type AppOptions = {
   db: Db;
   shutdown?: AbortSignal;
   maxBodyBytes?: number;
+  /** The per-client rate limit; null turns it off (default: RATE_LIMIT, RATE_BURST). */
+  rateLimit?: RateLimit | null;
+  /** The server admin token (default: SYNC_ADMIN_TOKEN). */
+  adminToken?: string;
 };
+
+type RoomEnv = { Variables: { room: Room; caller: Caller } };
+
+/**
+ * The viewer's headers: its one inline script runs by nonce, nothing else may; no
+ * sniffing, no referrer (a locked room's URL carries its token in the fragment).
+ */
+const viewerHeaders = secureHeaders({
+  contentSecurityPolicy: {
+    defaultSrc: ["'none'"],
+    scriptSrc: [NONCE],
+    styleSrc: [NONCE],
+    connectSrc: ["'self'"],
+    imgSrc: ["data:"],
+    formAction: ["'self'"],
+    baseUri: ["'none'"],
+    frameAncestors: ["'none'"],
+  },
+  referrerPolicy: "no-referrer",
+  xContentTypeOptions: "nosniff",
+});
 
 /** Builds the service around one database. */
 export function createApp(options: AppOptions) {
-  const { db, shutdown } = options;
+  const { db, shutdown, adminToken } = options;
+  const limit = options.rateLimit === undefined ? RATE : options.rateLimit;
   /** Aborts when the client goes away or the process drains. */
   const ending = (c: Context) =>
     shutdown ? AbortSignal.any([c.req.raw.signal, shutdown]) : c.req.raw.signal;
   const maxBodyBytes = options.maxBodyBytes ?? MAX_BODY_BYTES;
 
-  /** Loads the room named in the path into `c.var.room`, or answers 404. */
-  const inRoom = createMiddleware<{ Variables: { room: Room } }>(
-    async (c, next) => {
-      const id = parse(Id, c.req.param("id"), "room id");
-      const room = await getRoom(db, id);
-      if (!room) throw roomNotFound(id);
-      c.set("room", room);
-      await next();
-    },
-  );
+  /**
+   * Loads the room named in the path into `c.var.room` (or answers 404), and who the
+   * request acts as into `c.var.caller`; then checks that the caller may read it.
+   */
+  const inRoom = createMiddleware<RoomEnv>(async (c, next) => {
+    const id = parse(Id, c.req.param("id"), "room id");
+    const found = await findRoom(db, id);
+    if (!found) throw roomNotFound(id);
+    const caller = await identify(
+      db,
+      found,
+      bearer(c.req.header("authorization")),
+      adminToken,
+    );
+    mayRead(found.room, caller);
+    c.set("room", found.room);
+    c.set("caller", caller);
+    await next();
+  });
+  /** After `inRoom`: checks that the caller may write in the room. */
+  const writer = createMiddleware<RoomEnv>(async (c, next) => {
+    mayWrite(c.var.room, c.var.caller);
+    await next();
+  });
 
   /**
    * Runs a write once per Idempotency-Key: a repeat of the same request gets the stored
@@ -177,6 +243,18 @@ export function createApp(options: AppOptions) {
   return new Hono()
     .onError(onError)
     .notFound(notFound)
+    // Tokens travel in headers, never cookies, so any origin may call the JSON API.
+    .use(cors({
+      origin: "*",
+      allowHeaders: [
+        "Authorization",
+        "Content-Type",
+        "Idempotency-Key",
+        "Last-Event-ID",
+      ],
+      exposeHeaders: ["Retry-After", "Idempotent-Replayed"],
+    }))
+    .use(limit ? rateLimit(limit) : (_c, next) => next())
     .use(bodyLimit({
       maxSize: maxBodyBytes,
       onError: (c) =>
@@ -192,21 +270,27 @@ export function createApp(options: AppOptions) {
         ),
     }))
     // ---- the viewer, and usage for agents ----
-    .get("/", query(ViewerQuery), async (c) => {
+    .get("/", viewerHeaders, query(ViewerQuery), async (c) => {
       const { room: roomId } = c.req.valid("query");
+      const nonce = c.get("secureHeadersNonce") ?? "";
       if (roomId !== undefined) {
         const room = await getRoom(db, roomId);
-        if (!room) return c.html(MissingRoom({ id: roomId }), 404);
+        if (!room) return c.html(MissingRoom({ id: roomId, nonce }), 404);
+        // A locked room's token is in the URL fragment, which never reaches the
+        // server: the page loads the room itself, with the token, from the API.
+        if (room.locked) return c.html(RoomPage({ room, nonce }));
         const [agents, messages, state] = await Promise.all([
           listAgents(db, room.id),
           recentMessages(db, room.id, VIEWER_MESSAGES),
           listState(db, room.id),
         ]);
-        return c.html(RoomPage({ room, agents, messages, state }));
+        return c.html(
+          RoomPage({ room, nonce, data: { agents, messages, state } }),
+        );
       }
       const origin = new URL(c.req.url).origin;
       if (c.req.header("accept")?.includes("text/html")) {
-        return c.html(Landing({ origin }));
+        return c.html(Landing({ origin, nonce }));
       }
       return c.body(usage(origin), 200, {
         "content-type": "text/markdown; charset=utf-8",
@@ -228,16 +312,41 @@ export function createApp(options: AppOptions) {
       return c.json({ ok: true });
     })
     // ---- rooms ----
+    .get("/limits", (c) =>
+      c.json({
+        max_body_bytes: maxBodyBytes,
+        rate_limit: limit,
+        max_batch_operations: MAX_BATCH,
+        max_wait_seconds: 50,
+        max_json_depth: MAX_JSON_DEPTH,
+        max_messages_per_read: 1000,
+        idempotency_ttl_seconds: IDEMPOTENCY_TTL_MS / 1000,
+      }))
+    // ---- rooms ----
     .post("/rooms", body(CreateRoom), async (c) => {
       const input = c.req.valid("json");
+      const token = newToken("room");
+      const viewToken = newToken("view");
       const { room, created } = await createRoom(db, {
         id: input.id ?? crypto.randomUUID(),
         meta: input.meta ?? {},
+        locked: input.locked ?? false,
+        token_hash: await hashToken(token),
+        view_token_hash: await hashToken(viewToken),
       });
-      return c.json(room, created ? 201 : 200);
+      // The tokens are shown once, to the creator; joining an existing room never shows them.
+      if (!created) return c.json(room, 200);
+      return c.json({ ...room, token, view_token: viewToken }, 201);
     })
-    .get("/rooms", async (c) => c.json(await listRooms(db)))
+    .get("/rooms", async (c) => {
+      const admin = isAdmin(bearer(c.req.header("authorization")), adminToken);
+      return c.json(await listRooms(db, admin));
+    })
     .get("/rooms/:id", inRoom, (c) => c.json(c.var.room))
+    .delete("/rooms/:id", inRoom, async (c) => {
+      mayAdminister(c.var.room, c.var.caller, "Deleting a room");
+      return c.json({ deleted: await deleteRoom(db, c.var.room.id) });
+    })
     .get("/rooms/:id/context", inRoom, query(GetContext), async (c) => {
       const room = c.var.room;
       const [agents, state, messages] = await Promise.all([
@@ -262,26 +371,53 @@ export function createApp(options: AppOptions) {
       return streamRoom(c, db, c.var.room.id, after, shutdown);
     })
     // ---- agents ----
-    .post("/rooms/:id/agents", inRoom, body(RegisterAgent), async (c) => {
-      const input = c.req.valid("json");
-      const room = c.var.room;
-      const id = input.id ?? crypto.randomUUID();
-      const agent = await insertAgent(db, {
-        id,
-        room_id: room.id,
-        name: input.name,
-        role: input.role ?? "agent",
-        meta: input.meta ?? {},
-      });
-      if (!agent) {
-        throw new ApiError(
-          "agent_exists",
-          `Agent "${id}" is already registered in room "${room.id}"; use it as it is or register another id`,
-          { agent: await getAgent(db, room.id, id) },
+    .post(
+      "/rooms/:id/agents",
+      inRoom,
+      writer,
+      body(RegisterAgent),
+      async (c) => {
+        const input = c.req.valid("json");
+        const { room, caller } = c.var;
+        if (room.locked) mayAdminister(room, caller, "Joining a locked room");
+        const id = input.id ?? crypto.randomUUID();
+        const fields = {
+          id,
+          room_id: room.id,
+          name: input.name,
+          role: input.role ?? "agent",
+          meta: input.meta ?? {},
+        };
+        const token = newToken("as");
+        const agent = await insertAgent(db, {
+          ...fields,
+          token_hash: await hashToken(token),
+        });
+        if (agent) return c.json({ ...agent, token }, 201);
+        // Registering again: only the agent itself or the room admin, and the token
+        // stays unless rotate_token asks for a new one.
+        const self = caller.kind === "agent" && caller.id === id;
+        if (!self && caller.kind !== "room" && caller.kind !== "admin") {
+          throw new ApiError(
+            "agent_exists",
+            `Agent "${id}" is already registered in room "${room.id}"; use it as it is, register another id, or send its token to register it again`,
+            { agent: await getAgent(db, room.id, id) },
+          );
+        }
+        const rotated = input.rotate_token ? newToken("as") : undefined;
+        const updated = await updateAgent(db, {
+          ...fields,
+          token_hash: rotated === undefined
+            ? undefined
+            : await hashToken(rotated),
+        });
+        if (!updated) throw agentNotFound(room.id, id);
+        return c.json(
+          rotated === undefined ? updated : { ...updated, token: rotated },
+          200,
         );
-      }
-      return c.json(agent, 201);
-    })
+      },
+    )
     .get(
       "/rooms/:id/agents",
       inRoom,
@@ -290,9 +426,14 @@ export function createApp(options: AppOptions) {
     .post(
       "/rooms/:id/agents/:agent/heartbeat",
       inRoom,
+      writer,
       body(Heartbeat),
       async (c) => {
-        const agentId = parse(Id, c.req.param("agent"), "agent id");
+        const agentId = actingAs(
+          c.var.caller,
+          parse(Id, c.req.param("agent"), "agent id"),
+          "agent",
+        );
         const agent = await touchAgent(
           db,
           c.var.room.id,
@@ -304,9 +445,9 @@ export function createApp(options: AppOptions) {
       },
     )
     // ---- messages ----
-    .post("/rooms/:id/messages", inRoom, body(PostMessage), (c) => {
+    .post("/rooms/:id/messages", inRoom, writer, body(PostMessage), (c) => {
       const roomId = c.var.room.id;
-      const message = toNewMessage(c.req.valid("json"));
+      const message = toNewMessage(c.req.valid("json"), c.var.caller);
       return once(c, roomId, async (idempotency) => {
         const inserted = await insertMessage(db, roomId, message, idempotency);
         if (!inserted) throw replyNotFound(roomId, message.reply_to!);
@@ -331,35 +472,46 @@ export function createApp(options: AppOptions) {
       const messages = await whileWaiting(
         db,
         roomId,
-        q.wait ? q.agent : undefined,
+        q.wait ? actingAs(c.var.caller, q.agent, "agent") : undefined,
         () => waitForMessages(db, roomId, filter, q.wait ?? 0, ending(c)),
       );
       return c.json(messages);
     })
-    .post("/rooms/:id/messages/:mid/claim", inRoom, body(Claim), async (c) => {
-      const input = c.req.valid("json");
-      const roomId = c.var.room.id;
-      const id = parse(PathMessageId, c.req.param("mid"), "message id");
-      const agent = requireAgent(input.agent);
-      const { ok, message } = await claimMessage(
-        db,
-        roomId,
-        id,
-        agent,
-        input.lease,
-      );
-      if (!message) throw messageNotFound(roomId, id);
-      if (!ok) throw alreadyClaimed(message);
-      return c.json({ claimed: true, message });
-    })
+    .post(
+      "/rooms/:id/messages/:mid/claim",
+      inRoom,
+      writer,
+      body(Claim),
+      async (c) => {
+        const input = c.req.valid("json");
+        const roomId = c.var.room.id;
+        const id = parse(PathMessageId, c.req.param("mid"), "message id");
+        const agent = requireAgent(
+          actingAs(c.var.caller, input.agent, "agent"),
+        );
+        const { ok, message } = await claimMessage(
+          db,
+          roomId,
+          id,
+          agent,
+          input.lease,
+        );
+        if (!message) throw messageNotFound(roomId, id);
+        if (!ok) throw alreadyClaimed(message);
+        return c.json({ claimed: true, message });
+      },
+    )
     .post(
       "/rooms/:id/messages/:mid/release",
       inRoom,
+      writer,
       body(Release),
       async (c) => {
         const roomId = c.var.room.id;
         const id = parse(PathMessageId, c.req.param("mid"), "message id");
-        const agent = requireAgent(c.req.valid("json").agent);
+        const agent = requireAgent(
+          actingAs(c.var.caller, c.req.valid("json").agent, "agent"),
+        );
         const { ok, message } = await releaseMessage(db, roomId, id, agent);
         if (!message) throw messageNotFound(roomId, id);
         if (!ok && message.claimed_by !== null) throw alreadyClaimed(message);
@@ -367,8 +519,9 @@ export function createApp(options: AppOptions) {
       },
     )
     // ---- state ----
-    .put("/rooms/:id/state", inRoom, body(PutState), async (c) => {
+    .put("/rooms/:id/state", inRoom, writer, body(PutState), async (c) => {
       const input = c.req.valid("json");
+      mayWriteScope(c.var.room, c.var.caller, input.scope);
       const result = await writeState(db, c.var.room.id, input);
       if (!result.ok) throw refused(result, input.if_version);
       return c.json(result.entry as StateEntry);
@@ -383,7 +536,7 @@ export function createApp(options: AppOptions) {
       const entry = await whileWaiting(
         db,
         room.id,
-        wait ? agent : undefined,
+        wait ? actingAs(c.var.caller, agent, "agent") : undefined,
         () =>
           waitForState(
             db,
@@ -404,25 +557,37 @@ export function createApp(options: AppOptions) {
       }
       return c.json(entry);
     })
-    .delete("/rooms/:id/state", inRoom, body(DeleteState), async (c) => {
-      const input = c.req.valid("json");
-      const result = await writeState(db, c.var.room.id, {
-        ...input,
-        delete: true,
-      });
-      if (!result.ok) throw refused(result, input.if_version);
-      return c.json({ deleted: result.deleted ?? false });
-    })
+    .delete(
+      "/rooms/:id/state",
+      inRoom,
+      writer,
+      body(DeleteState),
+      async (c) => {
+        const input = c.req.valid("json");
+        mayWriteScope(c.var.room, c.var.caller, input.scope);
+        const result = await writeState(db, c.var.room.id, {
+          ...input,
+          delete: true,
+        });
+        if (!result.ok) throw refused(result, input.if_version);
+        return c.json({ deleted: result.deleted ?? false });
+      },
+    )
     // ---- batch ----
-    .post("/rooms/:id/batch", inRoom, body(Batch), (c) => {
+    .post("/rooms/:id/batch", inRoom, writer, body(Batch), (c) => {
       const input = c.req.valid("json");
-      const roomId = c.var.room.id;
+      const { room, caller } = c.var;
+      const roomId = room.id;
+      for (const op of input.state ?? []) mayWriteScope(room, caller, op.scope);
+      const messages = (input.messages ?? []).map((m) =>
+        toNewMessage(m, caller)
+      );
       return once(c, roomId, async (idempotency) => {
         const result = await applyBatch(
           db,
           roomId,
           input.state ?? [],
-          (input.messages ?? []).map(toNewMessage),
+          messages,
           idempotency,
         );
         if (result.ok) {
@@ -490,9 +655,10 @@ async function sha256(text: string): Promise<string> {
   ).join("");
 }
 
-function toNewMessage(input: PostMessage): NewMessage {
+/** A message to append, sent as `caller`: an agent token posts as its agent only. */
+function toNewMessage(input: PostMessage, caller: Caller): NewMessage {
   return {
-    from_agent: input.from ?? null,
+    from_agent: actingAs(caller, input.from, "from") ?? null,
     to_agent: input.to ?? null,
     kind: input.kind ?? "message",
     body: input.body,

@@ -48,7 +48,7 @@ function test(
 ) {
   Deno.test(name, async () => {
     const { db, close } = await freshDb();
-    const app = createApp({ db, ...options });
+    const app = createApp({ db, rateLimit: null, ...options });
     try {
       await fn({ app, db, call: caller(app) });
     } finally {
@@ -60,6 +60,8 @@ function test(
 const ISO = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/;
 const UUID =
   /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
+
+const TOKEN = /^(room|view|as)_[A-Za-z0-9_-]{43}$/;
 
 const TIME_FIELDS = [
   "created_at",
@@ -84,6 +86,14 @@ function times(value: unknown): unknown {
         assert.match(String(v), ISO, `${k} is ISO 8601 UTC`);
         return [k, "<time>"];
       }
+      if (k === "token" || k === "view_token") {
+        assert.match(
+          String(v),
+          /^(room|view|as)_[A-Za-z0-9_-]{43}$/,
+          `${k} is a token`,
+        );
+        return [k, "<token>"];
+      }
       if (k === "idle_ms") {
         assert.ok(
           typeof v === "number" && v >= 0,
@@ -94,6 +104,15 @@ function times(value: unknown): unknown {
       return [k, times(v)];
     }),
   );
+}
+
+/** A body as reads show it: tokens appear only in the answer that issues them. */
+function withoutTokens(body: unknown): unknown {
+  const { token: _t, view_token: _v, ...rest } = body as Record<
+    string,
+    unknown
+  >;
+  return rest;
 }
 
 /** Everything a room holds, to show that a rejected request changed nothing. */
@@ -136,6 +155,9 @@ test("POST /rooms with an id creates that room", async ({ call }) => {
     id: "demo",
     created_at: "<time>",
     meta: { purpose: "test" },
+    locked: false,
+    token: "<token>",
+    view_token: "<token>",
   });
 });
 
@@ -153,7 +175,11 @@ test("POST /rooms with an existing id joins it: 200 with the room as it was", as
   const first = await call("POST", "/rooms", { id: "demo", meta: { v: 1 } });
   const again = await call("POST", "/rooms", { id: "demo", meta: { v: 2 } });
   assert.equal(again.status, 200);
-  assert.deepEqual(again.body, first.body);
+  assert.deepEqual(
+    again.body,
+    withoutTokens(first.body),
+    "no tokens for a joiner",
+  );
 });
 
 test("POST /rooms works without a JSON content type (curl -d)", async ({ app }) => {
@@ -171,9 +197,9 @@ test("GET /rooms lists every room, oldest first", async ({ call }) => {
   const res = await call("GET", "/rooms");
   assert.equal(res.status, 200);
   assert.deepEqual(times(res.body), [
-    { id: "b", created_at: "<time>", meta: {} },
-    { id: "a", created_at: "<time>", meta: {} },
-    { id: "c", created_at: "<time>", meta: {} },
+    { id: "b", created_at: "<time>", meta: {}, locked: false },
+    { id: "a", created_at: "<time>", meta: {}, locked: false },
+    { id: "c", created_at: "<time>", meta: {}, locked: false },
   ]);
 });
 
@@ -184,7 +210,7 @@ test("GET /rooms/:id returns the room, or 404 room_not_found", async ({ call }) 
   });
   const res = await call("GET", "/rooms/demo");
   assert.equal(res.status, 200);
-  assert.deepEqual(res.body, created.body);
+  assert.deepEqual(res.body, withoutTokens(created.body));
   const missing = await call("GET", "/rooms/nope");
   assert.equal(missing.status, 404);
   assert.deepEqual(missing.body, {
@@ -215,6 +241,7 @@ test("POST /rooms/:id/agents registers an agent", async ({ call }) => {
     status: "active",
     last_seen: "<time>",
     idle_ms: "<ms>",
+    token: "<token>",
   });
 });
 
@@ -234,6 +261,7 @@ test("POST /rooms/:id/agents without id makes a GUID; role and meta default", as
     status: "active",
     last_seen: "<time>",
     idle_ms: "<ms>",
+    token: "<token>",
   });
 });
 
@@ -251,12 +279,12 @@ test("registering an agent id twice is 409 agent_exists and changes nothing", as
   assert.deepEqual(times(again.body), {
     error: "agent_exists",
     message:
-      'Agent "a" is already registered in room "r"; use it as it is or register another id',
-    agent: times(first.body),
+      'Agent "a" is already registered in room "r"; use it as it is, register another id, or send its token to register it again',
+    agent: times(withoutTokens(first.body)),
   });
   assert.deepEqual(
     times((await call("GET", "/rooms/r/agents")).body),
-    times([first.body]),
+    times([withoutTokens(first.body)]),
   );
 });
 
@@ -281,7 +309,7 @@ test("GET /rooms/:id/agents lists the room's agents in join order", async ({ cal
   const b = await call("POST", "/rooms/r/agents", { id: "amy", name: "A" });
   const res = await call("GET", "/rooms/r/agents");
   assert.equal(res.status, 200);
-  assert.deepEqual(times(res.body), times([a.body, b.body]));
+  assert.deepEqual(times(res.body), times([a.body, b.body].map(withoutTokens)));
 });
 
 // ---- messages ----
@@ -1237,7 +1265,11 @@ test("the viewer's data island cannot be closed by a room id", async ({ call }) 
   const island = html.match(
     /<script id="room-data" type="application\/json">(.*?)<\/script>/,
   );
-  assert.deepEqual(JSON.parse(island![1]), { room: "r", after: 0 });
+  assert.deepEqual(JSON.parse(island![1]), {
+    room: "r",
+    after: 0,
+    locked: false,
+  });
 });
 
 test("the viewer renders only the newest 200 messages and says how many there are", async ({ call, db }) => {
@@ -1341,7 +1373,7 @@ test("the schema applies idempotently and data survives reopening a file", async
   try {
     for (let round = 0; round < 3; round++) {
       const db = new Db({ url });
-      const call = caller(createApp({ db }));
+      const call = caller(createApp({ db, rateLimit: null }));
       assert.equal(
         (await call("POST", "/rooms", { id: "r" })).status,
         round === 0 ? 201 : 200,
@@ -1427,7 +1459,7 @@ test("the WAL stays a few MB under sustained writes", async () => {
   const { url, path, dir } = await tempDb();
   const db = new Db({ url });
   try {
-    const call = caller(createApp({ db }));
+    const call = caller(createApp({ db, rateLimit: null }));
     await call("POST", "/rooms", { id: "r" });
     const body = "x".repeat(1000);
     let maxWal = 0;

@@ -9,16 +9,21 @@ CREATE TABLE IF NOT EXISTS schema_version (
 
 -- rev grows on every change in the room (triggers below): instances sharing the
 -- database poll it to wake their waiters on writes made elsewhere.
+-- Tokens are stored only as SHA-256 hashes (hex); a room made before tokens has none.
 CREATE TABLE IF NOT EXISTS rooms (
   id TEXT PRIMARY KEY,
   created_at INTEGER NOT NULL,
   meta TEXT NOT NULL,
-  rev INTEGER NOT NULL DEFAULT 0
+  rev INTEGER NOT NULL DEFAULT 0,
+  locked INTEGER NOT NULL DEFAULT 0,
+  token_hash TEXT,
+  view_token_hash TEXT
 ) STRICT;
 
 -- Lists order by (created_at, rowid): the rowid, implicit in every index, breaks
 -- ties within a millisecond in insertion order.
 CREATE INDEX IF NOT EXISTS rooms_by_created ON rooms (created_at);
+CREATE INDEX IF NOT EXISTS open_rooms_by_created ON rooms (created_at) WHERE locked = 0;
 
 -- Agent ids are unique within a room, not across rooms.
 CREATE TABLE IF NOT EXISTS agents (
@@ -30,10 +35,13 @@ CREATE TABLE IF NOT EXISTS agents (
   meta TEXT NOT NULL,
   status TEXT NOT NULL DEFAULT 'active',
   last_seen INTEGER NOT NULL,
+  token_hash TEXT,
   PRIMARY KEY (room_id, id)
 ) STRICT;
 
 CREATE INDEX IF NOT EXISTS agents_by_joined ON agents (room_id, joined_at);
+CREATE UNIQUE INDEX IF NOT EXISTS agents_by_token ON agents (token_hash)
+  WHERE token_hash IS NOT NULL;
 
 -- AUTOINCREMENT: ids only grow and are never reused, even after deletes.
 CREATE TABLE IF NOT EXISTS messages (

@@ -52,6 +52,7 @@ const Count = z.string().regex(/^\d{1,15}$/, {
 export const CreateRoom = z.strictObject({
   id: Id.optional(),
   meta: Json.optional(),
+  locked: z.boolean().optional(),
 });
 export type CreateRoom = z.infer<typeof CreateRoom>;
 
@@ -60,6 +61,7 @@ export const RegisterAgent = z.strictObject({
   name: Name,
   role: Name.optional(),
   meta: Json.optional(),
+  rotate_token: z.boolean().optional(),
 });
 export type RegisterAgent = z.infer<typeof RegisterAgent>;
 

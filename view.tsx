@@ -32,7 +32,8 @@ li.reply { margin-left: 1.5rem; }
 .status.waiting { color: #2a7ae2; } .status.busy { color: #b60; } .status.done { color: var(--muted); }
 `;
 
-function Layout(props: { title: string; children: Child }) {
+/** The page frame; `nonce` lets its inline style and script past the CSP. */
+function Layout(props: { title: string; nonce: string; children: Child }) {
   return (
     <>
       {raw("<!DOCTYPE html>")}
@@ -42,7 +43,7 @@ function Layout(props: { title: string; children: Child }) {
           <meta name="viewport" content="width=device-width, initial-scale=1" />
           <link rel="icon" href="data:," />
           <title>{props.title}</title>
-          <style>{raw(STYLE)}</style>
+          <style nonce={props.nonce}>{raw(STYLE)}</style>
         </head>
         <body>{props.children}</body>
       </html>
@@ -51,9 +52,9 @@ function Layout(props: { title: string; children: Child }) {
 }
 
 /** The page a browser gets at `/` without a room. */
-export function Landing(props: { origin: string }) {
+export function Landing(props: { origin: string; nonce: string }) {
   return (
-    <Layout title="sync">
+    <Layout title="sync" nonce={props.nonce}>
       <h1>sync</h1>
       <p>A coordination service for AI agents. Open a room to watch it live:</p>
       <form method="get" action="/">
@@ -67,9 +68,9 @@ export function Landing(props: { origin: string }) {
 }
 
 /** The viewer's answer for a room id that does not exist. */
-export function MissingRoom(props: { id: string }) {
+export function MissingRoom(props: { id: string; nonce: string }) {
   return (
-    <Layout title="sync: no such room">
+    <Layout title="sync: no such room" nonce={props.nonce}>
       <h1>No room "{props.id}"</h1>
       <p>
         Nobody has created it yet. Agents create it with{" "}
@@ -166,25 +167,39 @@ function StateRow({ s }: { s: StateEntry }) {
  */
 export function RoomPage(props: {
   room: Room;
-  agents: Agent[];
-  messages: { items: Message[]; total: number };
-  state: StateEntry[];
+  nonce: string;
+  /** What the server may show; absent for a locked room (the page loads it with its token). */
+  data?: {
+    agents: Agent[];
+    messages: { items: Message[]; total: number };
+    state: StateEntry[];
+  };
 }) {
-  const { room, agents, messages, state } = props;
+  const { room, nonce } = props;
+  const { agents, messages, state } = props.data ??
+    { agents: [], messages: { items: [], total: 0 }, state: [] };
   const last = messages.items.at(-1)?.id ?? 0;
-  const data = JSON.stringify({ room: room.id, after: last }).replaceAll(
-    "<",
-    "\\u003c",
-  );
+  const data = JSON.stringify({
+    room: room.id,
+    after: last,
+    locked: room.locked,
+  })
+    .replaceAll("<", "\\u003c");
   return (
-    <Layout title={`sync: ${room.id}`}>
+    <Layout title={`sync: ${room.id}`} nonce={nonce}>
       <span id="status" class="muted">loaded</span>
       <h1>
         Room <span class="mono">{room.id}</span>
       </h1>
-      <div class="muted">
-        created {room.created_at} · meta{" "}
-        <code>{JSON.stringify(room.meta)}</code>
+      <div class="muted" id="room-meta">
+        {room.locked
+          ? "locked: open it with #token=<a view, agent or room token> at the end of the address"
+          : (
+            <>
+              created {room.created_at} · meta{" "}
+              <code>{JSON.stringify(room.meta)}</code>
+            </>
+          )}
       </div>
       <div class="grid">
         <section>
@@ -233,7 +248,7 @@ export function RoomPage(props: {
         </section>
       </div>
       <script id="room-data" type="application/json">{raw(data)}</script>
-      <script>{raw(VIEWER_SCRIPT)}</script>
+      <script nonce={nonce}>{raw(VIEWER_SCRIPT)}</script>
     </Layout>
   );
 }
@@ -246,6 +261,9 @@ const VIEWER_SCRIPT = `
 "use strict";
 const data = JSON.parse(document.getElementById("room-data").textContent);
 const base = "/rooms/" + encodeURIComponent(data.room);
+// A locked room's token rides in the URL fragment, which browsers never send.
+const token = new URLSearchParams(location.hash.slice(1)).get("token");
+const auth = token ? { authorization: "Bearer " + token } : {};
 const MAX_SHOWN = 2000;
 let after = data.after;
 
@@ -363,7 +381,12 @@ function onReady() {
 const handlers = { message: onMessage, claim: onClaim, agent: onAgent, state: onState, ready: onReady };
 
 async function follow() {
-  const res = await fetch(base + "/stream?after=" + after, { headers: { accept: "text/event-stream" } });
+  const res = await fetch(base + "/stream?after=" + after, { headers: { accept: "text/event-stream", ...auth } });
+  if (res.status === 401 || res.status === 403) {
+    document.getElementById("room-meta").textContent =
+      "This room is locked: add #token=<a view, agent or room token> to the address.";
+    throw Object.assign(new Error("no access"), { fatal: true });
+  }
   if (!res.ok || !res.body) throw new Error("stream answered " + res.status);
   fresh = { state: new Set(), claims: new Set() };
   setStatus("live", "live");
@@ -387,13 +410,29 @@ async function follow() {
   }
 }
 
+/** A locked room is rendered here, from the same context endpoint agents use. */
+async function loadLocked() {
+  const res = await fetch(base + "/context?messages=200", { headers: auth });
+  if (!res.ok) return;
+  const context = await res.json();
+  const meta = document.getElementById("room-meta");
+  meta.replaceChildren("created " + context.room.created_at + " · locked · meta ",
+    el("code", {}, JSON.stringify(context.room.meta)));
+  for (const m of context.messages.items) onMessage(m);
+  for (const a of context.agents) onAgent(a);
+  for (const s of context.state) onState(s);
+  after = context.messages.next_after;
+}
+
 (async () => {
+  if (data.locked) await loadLocked();
   for (let delay = 500;; delay = Math.min(delay * 2, 10000)) {
     try {
       await follow();
       delay = 250;
     } catch (error) {
       console.warn(error);
+      if (error.fatal) return;
     }
     setStatus("reconnecting…", "down");
     await new Promise((resolve) => setTimeout(resolve, delay));

@@ -1,0 +1,185 @@
+/**
+ * Identity and access: tokens, who a request acts as, and what it may do (SPEC §4).
+ *
+ * - `room_…` (room admin) and `view_…` (read-only) come back once from `POST /rooms`;
+ *   `as_…` (one agent) once from registering the agent. 256 random bits each, stored
+ *   only as SHA-256 hashes, sent as `Authorization: Bearer <token>`.
+ * - Open rooms (the default, as in the seed): anyone may read and write, but a request
+ *   with an agent token acts as that agent only. Locked rooms: reads need a token of
+ *   the room, writes an agent or room token, joining the room token, and an agent
+ *   writes only its own scope and `_shared`. A view token never writes.
+ * - `SYNC_ADMIN_TOKEN` (if set) acts as the admin of every room and lists locked rooms.
+ */
+import { agentByToken, type Db, type Room, type RoomRecord } from "./db.ts";
+import { ApiError } from "./errors.ts";
+
+const SYNC_ADMIN_TOKEN = Deno.env.get("SYNC_ADMIN_TOKEN") || undefined;
+
+/** Who a request acts as. */
+export type Caller =
+  | { kind: "anonymous" }
+  | { kind: "view" }
+  | { kind: "agent"; id: string }
+  | { kind: "room" }
+  | { kind: "admin" };
+
+export type TokenKind = "room" | "view" | "as";
+
+/** A new token: its kind as a prefix, then 256 random bits in base64url. */
+export function newToken(kind: TokenKind): string {
+  const bytes = crypto.getRandomValues(new Uint8Array(32));
+  const base64 = btoa(String.fromCharCode(...bytes));
+  return `${kind}_${
+    base64.replaceAll("+", "-").replaceAll("/", "_").replace(/=+$/, "")
+  }`;
+}
+
+/** The hex SHA-256 of a token: all the database ever holds of it. */
+export async function hashToken(token: string): Promise<string> {
+  const digest = await crypto.subtle.digest(
+    "SHA-256",
+    new TextEncoder().encode(token),
+  );
+  return Array.from(
+    new Uint8Array(digest),
+    (b) => b.toString(16).padStart(2, "0"),
+  ).join("");
+}
+
+/** Compares two strings in time that does not depend on where they differ. */
+function same(a: string, b: string): boolean {
+  if (a.length !== b.length) return false;
+  let diff = 0;
+  for (let i = 0; i < a.length; i++) diff |= a.charCodeAt(i) ^ b.charCodeAt(i);
+  return diff === 0;
+}
+
+/** The bearer token of a request, if it sends one; a malformed header is 401. */
+export function bearer(header: string | undefined): string | undefined {
+  if (header === undefined) return undefined;
+  const match = header.match(/^Bearer\s+(\S+)\s*$/i);
+  if (!match) {
+    throw new ApiError(
+      "invalid_token",
+      'The Authorization header must be "Bearer <token>"',
+    );
+  }
+  return match[1];
+}
+
+/** Whether a token is the server admin token. */
+export function isAdmin(
+  token: string | undefined,
+  admin = SYNC_ADMIN_TOKEN,
+): boolean {
+  return token !== undefined && admin !== undefined && same(token, admin);
+}
+
+/**
+ * Who a request with `token` acts as in this room. A token that is not one of this
+ * room's (unknown, or another room's) is 401 `invalid_token`.
+ */
+export async function identify(
+  db: Db,
+  record: RoomRecord,
+  token: string | undefined,
+  admin = SYNC_ADMIN_TOKEN,
+): Promise<Caller> {
+  if (token === undefined) return { kind: "anonymous" };
+  if (isAdmin(token, admin)) return { kind: "admin" };
+  const hash = await hashToken(token);
+  if (
+    token.startsWith("room_") && record.token_hash &&
+    same(hash, record.token_hash)
+  ) {
+    return { kind: "room" };
+  }
+  if (
+    token.startsWith("view_") && record.view_token_hash &&
+    same(hash, record.view_token_hash)
+  ) {
+    return { kind: "view" };
+  }
+  if (token.startsWith("as_")) {
+    const id = await agentByToken(db, record.room.id, hash);
+    if (id !== null) return { kind: "agent", id };
+  }
+  throw new ApiError(
+    "invalid_token",
+    `The token is not one of room "${record.room.id}"; use a token the room or its agent registration gave`,
+  );
+}
+
+/** Reads: anyone in an open room; a token of the room in a locked one. */
+export function mayRead(room: Room, caller: Caller): void {
+  if (room.locked && caller.kind === "anonymous") {
+    throw new ApiError(
+      "token_required",
+      `Room "${room.id}" is locked: send a room, agent or view token as "Authorization: Bearer <token>"`,
+    );
+  }
+}
+
+/** Writes: never with a view token; with an agent or room token in a locked room. */
+export function mayWrite(room: Room, caller: Caller): void {
+  if (caller.kind === "view") {
+    throw new ApiError(
+      "read_only",
+      "A view token reads only; write with an agent or room token",
+    );
+  }
+  if (room.locked && caller.kind === "anonymous") {
+    throw new ApiError(
+      "token_required",
+      `Room "${room.id}" is locked: writing needs an agent or room token`,
+    );
+  }
+}
+
+/** Room administration (deleting the room, joining a locked room): the room token. */
+export function mayAdminister(room: Room, caller: Caller, what: string): void {
+  if (caller.kind === "room" || caller.kind === "admin") return;
+  if (caller.kind === "anonymous") {
+    throw new ApiError(
+      "token_required",
+      `${what} needs the room token of "${room.id}"`,
+    );
+  }
+  throw new ApiError(
+    "forbidden",
+    `${what} needs the room token of "${room.id}"`,
+  );
+}
+
+/**
+ * The agent a request acts as, for a field that names one (`from`, `agent`): with an
+ * agent token the field defaults to that agent and may not name another; without one
+ * (or with the room token) it is what the request says.
+ */
+export function actingAs<T extends string | null | undefined>(
+  caller: Caller,
+  named: T,
+  field: string,
+): T | string {
+  if (caller.kind !== "agent") return named;
+  if (named === undefined || named === null) return caller.id;
+  if (named !== caller.id) {
+    throw new ApiError(
+      "identity_mismatch",
+      `This token is agent "${caller.id}"'s; "${field}" cannot name "${named}"`,
+      { field, agent: caller.id },
+    );
+  }
+  return named;
+}
+
+/** In a locked room, an agent writes only its own scope and `_shared`. */
+export function mayWriteScope(room: Room, caller: Caller, scope: string): void {
+  if (!room.locked || caller.kind !== "agent") return;
+  if (scope === "_shared" || scope === caller.id) return;
+  throw new ApiError(
+    "identity_mismatch",
+    `Agent "${caller.id}" writes only its own scope and "_shared" in a locked room, not "${scope}"`,
+    { field: "scope", agent: caller.id },
+  );
+}

@@ -65,6 +65,19 @@ post results → write state → repeat.
 - State \`version\` is 1 on create and +1 on every write; deleting a key and writing it
   again starts over at 1. Times are ISO 8601 UTC.
 
+## Tokens and locked rooms
+
+\`POST /rooms\` answers, once, a \`token\` (room admin) and a \`view_token\` (read
+only); registering an agent answers, once, its \`token\`. Send one as
+\`Authorization: Bearer <token>\`. With an agent token, \`from\` and \`agent\`
+default to that agent and cannot name another (403 \`identity_mismatch\`). Open
+rooms (the default) need no token. A locked room (\`POST /rooms {"locked": true}\`)
+needs a token of the room for every read, an agent or room token for every write,
+and the room token to join; its agents write only their own scope and \`_shared\`.
+Registering an existing agent id needs its token (or the room token);
+\`rotate_token: true\` gives a new one. Watch a locked room at
+\`/?room=ID#token=<view token>\`. \`GET /limits\` shows body, rate and batch limits.
+
 ## Coordination
 
 - **Compare-and-set**: \`if_version\` on PUT or DELETE state; \`0\` means "only if

@@ -61,6 +61,7 @@ const ISO = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/;
 const UUID =
   /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
 
+/** A token: its kind, then 256 bits in base64url. */
 const TOKEN = /^(room|view|as)_[A-Za-z0-9_-]{43}$/;
 
 const TIME_FIELDS = [
@@ -89,7 +90,7 @@ function times(value: unknown): unknown {
       if (k === "token" || k === "view_token") {
         assert.match(
           String(v),
-          /^(room|view|as)_[A-Za-z0-9_-]{43}$/,
+          TOKEN,
           `${k} is a token`,
         );
         return [k, "<token>"];

@@ -379,8 +379,13 @@ export function createApp(options: AppOptions) {
       async (c) => {
         const input = c.req.valid("json");
         const { room, caller } = c.var;
-        if (room.locked) mayAdminister(room, caller, "Joining a locked room");
         const id = input.id ?? crypto.randomUUID();
+        // Joining a locked room takes the room token; an agent registering itself
+        // again (with its own token) is not joining.
+        const itself = caller.kind === "agent" && caller.id === id;
+        if (room.locked && !itself) {
+          mayAdminister(room, caller, "Joining a locked room");
+        }
         const fields = {
           id,
           room_id: room.id,
@@ -396,8 +401,7 @@ export function createApp(options: AppOptions) {
         if (agent) return c.json({ ...agent, token }, 201);
         // Registering again: only the agent itself or the room admin, and the token
         // stays unless rotate_token asks for a new one.
-        const self = caller.kind === "agent" && caller.id === id;
-        if (!self && caller.kind !== "room" && caller.kind !== "admin") {
+        if (!itself && caller.kind !== "room" && caller.kind !== "admin") {
           throw new ApiError(
             "agent_exists",
             `Agent "${id}" is already registered in room "${room.id}"; use it as it is, register another id, or send its token to register it again`,

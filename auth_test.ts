@@ -1,0 +1,1485 @@
+/**
+ * In-process tests of identity, access and limits (SPEC §4): tokens, who a request acts
+ * as, open and locked rooms, room deletion, the rate limit, CORS and the viewer's
+ * headers. Every test runs on a fresh database through `app.request()`.
+ */
+import assert from "node:assert/strict";
+import { Db } from "./db.ts";
+import { createApp } from "./main.ts";
+import { freshDb } from "./testing.ts";
+import type { RateLimit } from "./limits.ts";
+
+const ADMIN = "admin-secret";
+
+type App = ReturnType<typeof createApp>;
+type Body = Record<string, unknown>;
+type Reply = { status: number; body: Body; text: string; headers: Headers };
+type Options = {
+  body?: unknown;
+  /** Sent as `Authorization: Bearer <token>`. */
+  token?: string;
+  /** The whole Authorization header, as is. */
+  auth?: string;
+  headers?: Record<string, string>;
+  env?: unknown;
+};
+type Call = (
+  method: string,
+  path: string,
+  options?: Options,
+) => Promise<Reply>;
+type Api = { app: App; db: Db; call: Call; texts: string[] };
+
+/** The request headers of a call: always JSON, plus the Authorization header asked for. */
+function headersOf(options: Options): Record<string, string> {
+  const headers: Record<string, string> = {
+    "content-type": "application/json",
+    ...options.headers,
+  };
+  if (options.token !== undefined) {
+    headers.authorization = `Bearer ${options.token}`;
+  }
+  if (options.auth !== undefined) headers.authorization = options.auth;
+  return headers;
+}
+
+/** Calls the app and records every response text in `texts`. */
+function caller(app: App, texts: string[]): Call {
+  return async (method, path, options = {}) => {
+    const res = await app.request(
+      path,
+      {
+        method,
+        headers: headersOf(options),
+        body: options.body === undefined
+          ? undefined
+          : JSON.stringify(options.body),
+      },
+      options.env,
+    );
+    const text = await res.text();
+    texts.push(text);
+    const type = res.headers.get("content-type") ?? "";
+    return {
+      status: res.status,
+      body: type.includes("json") ? JSON.parse(text) : {},
+      text,
+      headers: res.headers,
+    };
+  };
+}
+
+/** A test with its own app (rate limit off, admin token set) on a fresh database. */
+function test(
+  name: string,
+  fn: (api: Api) => Promise<void>,
+  options: { rateLimit?: RateLimit | null } = {},
+) {
+  Deno.test(name, async () => {
+    const { db, close } = await freshDb();
+    const app = createApp({
+      db,
+      rateLimit: options.rateLimit ?? null,
+      adminToken: ADMIN,
+    });
+    const texts: string[] = [];
+    try {
+      await fn({ app, db, call: caller(app, texts), texts });
+    } finally {
+      await close();
+    }
+  });
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** Waits until no stream or long-poll holds a subscription, so no timer outlives a test. */
+async function settled(db: Db): Promise<void> {
+  for (let i = 0; i < 100 && db.notifier.size > 0; i++) await sleep(10);
+  assert.equal(db.notifier.size, 0, "every subscription was let go");
+}
+
+/** Asserts a status, showing the body when it differs. */
+function expect(reply: Reply, status: number): Body {
+  assert.equal(reply.status, status, `${status} expected, got ${reply.text}`);
+  return reply.body;
+}
+
+/** Asserts an error answer: its status, its code, and a message. */
+function expectError(reply: Reply, status: number, code: string): Body {
+  assert.equal(
+    reply.status,
+    status,
+    `${status} ${code} expected: ${reply.text}`,
+  );
+  assert.equal(reply.body.error, code);
+  assert.equal(typeof reply.body.message, "string");
+  return reply.body;
+}
+
+const TOKEN = {
+  room: /^room_[A-Za-z0-9_-]{43}$/,
+  view: /^view_[A-Za-z0-9_-]{43}$/,
+  as: /^as_[A-Za-z0-9_-]{43}$/,
+};
+
+/** The hex SHA-256 of a text, computed here rather than with auth.ts. */
+async function sha256Hex(text: string): Promise<string> {
+  const digest = await crypto.subtle.digest(
+    "SHA-256",
+    new TextEncoder().encode(text),
+  );
+  return Array.from(
+    new Uint8Array(digest),
+    (b) => b.toString(16).padStart(2, "0"),
+  )
+    .join("");
+}
+
+/** Creates a room and returns its two tokens. */
+async function createRoom(
+  call: Call,
+  id: string,
+  extra: Body = {},
+): Promise<{ room: string; view: string }> {
+  const body = expect(
+    await call("POST", "/rooms", { body: { id, ...extra } }),
+    201,
+  );
+  return { room: body.token as string, view: body.view_token as string };
+}
+
+/** Registers an agent and returns its token. */
+async function join(
+  call: Call,
+  room: string,
+  body: Body,
+  token?: string,
+): Promise<string> {
+  const reply = await call("POST", `/rooms/${room}/agents`, { body, token });
+  return expect(reply, 201).token as string;
+}
+
+// ---- the authorization matrix ----
+
+const CALLERS = [
+  "anonymous",
+  "view",
+  "agent",
+  "room",
+  "other_room",
+  "admin",
+  "garbage",
+  "malformed",
+] as const;
+type CallerName = typeof CALLERS[number];
+
+/**
+ * Room "r" (open or locked) with agents "a" and "b", one message and the `_shared` key
+ * "k"; room "other" gives a token of another room. Returns the Authorization header
+ * of each caller (the agent is "a") and the message id.
+ */
+async function matrixFixture(call: Call, locked: boolean) {
+  const other = await createRoom(call, "other");
+  const r = await createRoom(call, "r", { locked, meta: { m: 1 } });
+  const a = await join(call, "r", { id: "a", name: "A" }, r.room);
+  await join(call, "r", { id: "b", name: "B" }, r.room);
+  const message = expect(
+    await call("POST", "/rooms/r/messages", { body: { body: "hi" }, token: a }),
+    201,
+  );
+  expect(
+    await call("PUT", "/rooms/r/state", {
+      body: { key: "k", value: 1 },
+      token: a,
+    }),
+    200,
+  );
+  const auth: Record<CallerName, string | undefined> = {
+    anonymous: undefined,
+    view: `Bearer ${r.view}`,
+    agent: `Bearer ${a}`,
+    room: `Bearer ${r.room}`,
+    other_room: `Bearer ${other.room}`,
+    admin: `Bearer ${ADMIN}`,
+    garbage: "Bearer nope",
+    malformed: "Basic x",
+  };
+  return { auth, mid: message.id as number };
+}
+
+type Row = {
+  name: string;
+  method: string;
+  path: (mid: number) => string;
+  body?: unknown;
+  /** One outcome per caller, in the order of CALLERS: "200" or "403 read_only". */
+  open: string[];
+  locked: string[];
+};
+
+// Columns: anonymous, view, agent "a", room, other room's token, admin, "nope", "Basic x".
+// deno-fmt-ignore
+const READ_OPEN = ["200", "200", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"];
+// deno-fmt-ignore
+const READ_LOCKED = ["401 token_required", "200", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"];
+
+/** The expected outcome of every endpoint for every caller, written out. */
+// deno-fmt-ignore
+const MATRIX: Row[] = [
+  { name: "GET /rooms/:id", method: "GET", path: () => "/rooms/r", open: READ_OPEN, locked: READ_LOCKED },
+  { name: "GET agents", method: "GET", path: () => "/rooms/r/agents", open: READ_OPEN, locked: READ_LOCKED },
+  { name: "GET messages", method: "GET", path: () => "/rooms/r/messages", open: READ_OPEN, locked: READ_LOCKED },
+  { name: "GET messages?wait=0.05", method: "GET", path: (mid) => `/rooms/r/messages?after=${mid}&wait=0.05`, open: READ_OPEN, locked: READ_LOCKED },
+  { name: "GET state", method: "GET", path: () => "/rooms/r/state", open: READ_OPEN, locked: READ_LOCKED },
+  { name: "GET state?key=k", method: "GET", path: () => "/rooms/r/state?key=k", open: READ_OPEN, locked: READ_LOCKED },
+  { name: "GET context", method: "GET", path: () => "/rooms/r/context", open: READ_OPEN, locked: READ_LOCKED },
+  { name: "GET stream", method: "GET", path: () => "/rooms/r/stream", open: READ_OPEN, locked: READ_LOCKED },
+  {
+    name: "POST messages without from",
+    method: "POST",
+    path: () => "/rooms/r/messages",
+    body: { body: "x" },
+    open: ["201", "403 read_only", "201", "201", "401 invalid_token", "201", "401 invalid_token", "401 invalid_token"],
+    locked: ["401 token_required", "403 read_only", "201", "201", "401 invalid_token", "201", "401 invalid_token", "401 invalid_token"],
+  },
+  {
+    name: "POST messages with from = another agent",
+    method: "POST",
+    path: () => "/rooms/r/messages",
+    body: { from: "b", body: "x" },
+    open: ["201", "403 read_only", "403 identity_mismatch", "201", "401 invalid_token", "201", "401 invalid_token", "401 invalid_token"],
+    locked: ["401 token_required", "403 read_only", "403 identity_mismatch", "201", "401 invalid_token", "201", "401 invalid_token", "401 invalid_token"],
+  },
+  {
+    name: "PUT state in _shared",
+    method: "PUT",
+    path: () => "/rooms/r/state",
+    body: { key: "k", value: 2 },
+    open: ["200", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
+    locked: ["401 token_required", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
+  },
+  {
+    name: "PUT state in the agent's own scope",
+    method: "PUT",
+    path: () => "/rooms/r/state",
+    body: { scope: "a", key: "k", value: 2 },
+    open: ["200", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
+    locked: ["401 token_required", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
+  },
+  {
+    name: "PUT state in another agent's scope",
+    method: "PUT",
+    path: () => "/rooms/r/state",
+    body: { scope: "b", key: "k", value: 2 },
+    open: ["200", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
+    locked: ["401 token_required", "403 read_only", "403 identity_mismatch", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
+  },
+  {
+    name: "DELETE state",
+    method: "DELETE",
+    path: () => "/rooms/r/state",
+    body: { key: "k" },
+    open: ["200", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
+    locked: ["401 token_required", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
+  },
+  {
+    name: "POST batch",
+    method: "POST",
+    path: () => "/rooms/r/batch",
+    body: { state: [{ key: "k2", value: 1 }], messages: [{ body: "x" }] },
+    open: ["200", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
+    locked: ["401 token_required", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
+  },
+  {
+    name: "POST agents with a new id",
+    method: "POST",
+    path: () => "/rooms/r/agents",
+    body: { id: "c", name: "C" },
+    open: ["201", "403 read_only", "201", "201", "401 invalid_token", "201", "401 invalid_token", "401 invalid_token"],
+    locked: ["401 token_required", "403 read_only", "403 forbidden", "201", "401 invalid_token", "201", "401 invalid_token", "401 invalid_token"],
+  },
+  {
+    // Re-registering "a" with a's own token is not joining: SPEC §4 lets an agent's
+    // token register it again, locked room or not.
+    name: "POST agents with the existing id a, no rotate_token",
+    method: "POST",
+    path: () => "/rooms/r/agents",
+    body: { id: "a", name: "A2" },
+    open: ["409 agent_exists", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
+    locked: ["401 token_required", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
+  },
+  {
+    name: "POST claim without an agent field",
+    method: "POST",
+    path: (mid) => `/rooms/r/messages/${mid}/claim`,
+    body: {},
+    open: ["400 invalid_request", "403 read_only", "200", "400 invalid_request", "401 invalid_token", "400 invalid_request", "401 invalid_token", "401 invalid_token"],
+    locked: ["401 token_required", "403 read_only", "200", "400 invalid_request", "401 invalid_token", "400 invalid_request", "401 invalid_token", "401 invalid_token"],
+  },
+  {
+    name: "POST heartbeat for the agent itself",
+    method: "POST",
+    path: () => "/rooms/r/agents/a/heartbeat",
+    body: { status: "busy" },
+    open: ["200", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
+    locked: ["401 token_required", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
+  },
+  {
+    name: "POST heartbeat for another agent",
+    method: "POST",
+    path: () => "/rooms/r/agents/b/heartbeat",
+    body: { status: "busy" },
+    open: ["200", "403 read_only", "403 identity_mismatch", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
+    locked: ["401 token_required", "403 read_only", "403 identity_mismatch", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
+  },
+  {
+    name: "DELETE /rooms/:id",
+    method: "DELETE",
+    path: () => "/rooms/r",
+    open: ["401 token_required", "403 forbidden", "403 forbidden", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
+    locked: ["401 token_required", "403 forbidden", "403 forbidden", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
+  },
+];
+
+/** One cell: a fresh database and fixture, one request; "200" or "403 read_only". */
+async function outcome(
+  row: Row,
+  locked: boolean,
+  who: CallerName,
+): Promise<string> {
+  const { db, close } = await freshDb();
+  const app = createApp({ db, rateLimit: null, adminToken: ADMIN });
+  try {
+    const call = caller(app, []);
+    const { auth, mid } = await matrixFixture(call, locked);
+    const headers: Record<string, string> = {
+      "content-type": "application/json",
+    };
+    if (auth[who] !== undefined) headers.authorization = auth[who];
+    const res = await app.request(row.path(mid), {
+      method: row.method,
+      headers,
+      body: row.body === undefined ? undefined : JSON.stringify(row.body),
+    });
+    if (res.status < 300) {
+      // A stream never ends by itself: its status is all that is checked.
+      await res.body?.cancel();
+      await settled(db);
+      return String(res.status);
+    }
+    const body = await res.json();
+    assert.equal(typeof body.message, "string", "an error has a message");
+    return `${res.status} ${body.error}`;
+  } finally {
+    await close();
+  }
+}
+
+for (const locked of [false, true]) {
+  for (const row of MATRIX) {
+    const expected = locked ? row.locked : row.open;
+    const summary = CALLERS.map((who, i) => `${who} ${expected[i]}`).join(", ");
+    Deno.test(
+      `${locked ? "locked" : "open"} room: ${row.name} answers ${summary}`,
+      async () => {
+        const actual: Record<string, string> = {};
+        for (const who of CALLERS) {
+          actual[who] = await outcome(row, locked, who);
+        }
+        assert.deepEqual(
+          actual,
+          Object.fromEntries(CALLERS.map((who, i) => [who, expected[i]])),
+        );
+      },
+    );
+  }
+}
+
+// ---- identity defaults ----
+
+test("with an agent token, POST messages without from is stored as from that agent", async ({ call }) => {
+  await createRoom(call, "r");
+  const a = await join(call, "r", { id: "a", name: "A" });
+  const posted = expect(
+    await call("POST", "/rooms/r/messages", { body: { body: "hi" }, token: a }),
+    201,
+  );
+  assert.equal(posted.from_agent, "a");
+  const read = expect(await call("GET", "/rooms/r/messages"), 200);
+  assert.deepEqual(
+    (read as unknown as Body[]).map((m) => m.from_agent),
+    ["a"],
+  );
+});
+
+test("with the room token, POST messages keeps from as sent (or null)", async ({ call }) => {
+  const r = await createRoom(call, "r");
+  await join(call, "r", { id: "a", name: "A" });
+  const none = expect(
+    await call("POST", "/rooms/r/messages", {
+      body: { body: 1 },
+      token: r.room,
+    }),
+    201,
+  );
+  assert.equal(none.from_agent, null);
+  const named = expect(
+    await call("POST", "/rooms/r/messages", {
+      body: { from: "a", body: 2 },
+      token: r.room,
+    }),
+    201,
+  );
+  assert.equal(named.from_agent, "a");
+});
+
+test("with an agent token, claim and release without agent act as that agent", async ({ call }) => {
+  await createRoom(call, "r");
+  const a = await join(call, "r", { id: "a", name: "A" });
+  const m = expect(
+    await call("POST", "/rooms/r/messages", { body: { body: "task" } }),
+    201,
+  );
+  const claimed = expect(
+    await call("POST", `/rooms/r/messages/${m.id}/claim`, {
+      body: {},
+      token: a,
+    }),
+    200,
+  );
+  assert.equal(claimed.claimed, true);
+  assert.equal((claimed.message as Body).claimed_by, "a");
+  const released = expect(
+    await call("POST", `/rooms/r/messages/${m.id}/release`, {
+      body: {},
+      token: a,
+    }),
+    200,
+  );
+  assert.equal(released.released, true);
+  assert.equal((released.message as Body).claimed_by, null);
+});
+
+test("a long-poll with an agent token and no agent parameter shows that agent as waiting", async ({ app, call, db }) => {
+  await createRoom(call, "r");
+  const a = await join(call, "r", { id: "a", name: "A" });
+  await join(call, "r", { id: "b", name: "B" });
+  const status = async (id: string) => {
+    const agents = (await call("GET", "/rooms/r/agents"))
+      .body as unknown as Body[];
+    return agents.find((agent) => agent.id === id)?.status;
+  };
+  const poll = app.request("/rooms/r/messages?wait=5", {
+    headers: {
+      "content-type": "application/json",
+      authorization: `Bearer ${a}`,
+    },
+  });
+  let seen: unknown;
+  for (let i = 0; i < 100 && seen !== "waiting"; i++) {
+    await sleep(10);
+    seen = await status("a");
+  }
+  assert.equal(seen, "waiting", "a shows as waiting during the wait");
+  assert.equal(await status("b"), "active", "nobody else does");
+  const posted = expect(
+    await call("POST", "/rooms/r/messages", { body: { body: "wake" } }),
+    201,
+  );
+  const res = await poll;
+  assert.equal(res.status, 200);
+  assert.deepEqual((await res.json()).map((m: Body) => m.id), [posted.id]);
+  assert.equal(await status("a"), "active", "the status comes back after it");
+  await settled(db);
+});
+
+test("a long-poll on a state key with an agent token shows that agent as waiting", async ({ app, call, db }) => {
+  await createRoom(call, "r");
+  const a = await join(call, "r", { id: "a", name: "A" });
+  const poll = app.request("/rooms/r/state?key=k&wait=5", {
+    headers: {
+      "content-type": "application/json",
+      authorization: `Bearer ${a}`,
+    },
+  });
+  let seen: unknown;
+  for (let i = 0; i < 100 && seen !== "waiting"; i++) {
+    await sleep(10);
+    const agents = (await call("GET", "/rooms/r/agents"))
+      .body as unknown as Body[];
+    seen = agents[0].status;
+  }
+  assert.equal(seen, "waiting");
+  expect(
+    await call("PUT", "/rooms/r/state", { body: { key: "k", value: 1 } }),
+    200,
+  );
+  const res = await poll;
+  assert.equal(res.status, 200);
+  assert.equal((await res.json()).value, 1);
+  await settled(db);
+});
+
+/** A read with `idle_ms` (which grows by itself) left out. */
+function withoutIdle(body: unknown): unknown {
+  return JSON.parse(
+    JSON.stringify(body, (k, v) => k === "idle_ms" ? undefined : v),
+  );
+}
+
+type Case = [
+  name: string,
+  method: string,
+  path: (mid: number) => string,
+  body: unknown,
+  status: number,
+  code: string,
+];
+
+test("an agent token naming another agent anywhere is 403 identity_mismatch and writes nothing", async ({ call }) => {
+  const r = await createRoom(call, "r", { locked: true });
+  const a = await join(call, "r", { id: "a", name: "A" }, r.room);
+  await join(call, "r", { id: "b", name: "B" }, r.room);
+  const m = expect(
+    await call("POST", "/rooms/r/messages", { body: { body: 1 }, token: a }),
+    201,
+  );
+  expect(
+    await call("POST", `/rooms/r/messages/${m.id}/claim`, {
+      body: { agent: "b" },
+      token: r.room,
+    }),
+    200,
+  );
+  const before = await Promise.all(
+    ["/rooms/r/messages", "/rooms/r/state", "/rooms/r/agents"].map(async (
+      path,
+    ) => withoutIdle((await call("GET", path, { token: r.room })).body)),
+  );
+  // deno-fmt-ignore
+  const cases: Case[] = [
+    ["claim for b", "POST", (id) => `/rooms/r/messages/${id}/claim`, { agent: "b" }, 403, "identity_mismatch"],
+    ["release for b", "POST", (id) => `/rooms/r/messages/${id}/release`, { agent: "b" }, 403, "identity_mismatch"],
+    ["heartbeat of b", "POST", () => "/rooms/r/agents/b/heartbeat", { status: "done" }, 403, "identity_mismatch"],
+    ["a message from b", "POST", () => "/rooms/r/messages", { from: "b", body: 2 }, 403, "identity_mismatch"],
+    ["a batch message from b", "POST", () => "/rooms/r/batch", { messages: [{ from: "b", body: 2 }] }, 403, "identity_mismatch"],
+    ["a batch write to b's scope", "POST", () => "/rooms/r/batch", { state: [{ key: "k", value: 1 }, { scope: "b", key: "k", value: 1 }] }, 403, "identity_mismatch"],
+    ["a write to b's scope", "PUT", () => "/rooms/r/state", { scope: "b", key: "k", value: 1 }, 403, "identity_mismatch"],
+    ["a delete in b's scope", "DELETE", () => "/rooms/r/state", { scope: "b", key: "k" }, 403, "identity_mismatch"],
+    ["a long-poll waiting as b", "GET", (id) => `/rooms/r/messages?after=${id}&wait=0.05&agent=b`, undefined, 403, "identity_mismatch"],
+    ["a state long-poll waiting as b", "GET", () => "/rooms/r/state?key=k&wait=0.05&agent=b", undefined, 403, "identity_mismatch"],
+  ];
+  for (const [name, method, path, body, status, code] of cases) {
+    const reply = await call(method, path(m.id as number), { body, token: a });
+    const error = expectError(reply, status, code);
+    assert.equal(error.agent, "a", name);
+  }
+  const after = await Promise.all(
+    ["/rooms/r/messages", "/rooms/r/state", "/rooms/r/agents"].map(async (
+      path,
+    ) => withoutIdle((await call("GET", path, { token: r.room })).body)),
+  );
+  assert.deepEqual(after, before);
+});
+
+test("a token that is not one of the room's is 401 invalid_token, even in an open room", async ({ call }) => {
+  const r = await createRoom(call, "r");
+  const s = await createRoom(call, "s");
+  const sa = await join(call, "s", { id: "a", name: "A" });
+  await join(call, "r", { id: "a", name: "A" });
+  const body = r.room.slice("room_".length);
+  // deno-fmt-ignore
+  const cases: [name: string, auth: string][] = [
+    ["another room's room token", `Bearer ${s.room}`],
+    ["another room's view token", `Bearer ${s.view}`],
+    ["an agent token of another room, same agent id", `Bearer ${sa}`],
+    ["the room token under the view prefix", `Bearer view_${body}`],
+    ["the room token under the agent prefix", `Bearer as_${body}`],
+    ["the room token with a character changed", `Bearer ${r.room.slice(0, -1)}${r.room.endsWith("A") ? "B" : "A"}`],
+    ["a bare token without a scheme", r.room],
+    ["Bearer with no token", "Bearer"],
+    ["Bearer with two words", `Bearer ${r.room} x`],
+    ["an empty header", ""],
+  ];
+  for (const [name, auth] of cases) {
+    for (const [method, body] of [["GET", undefined], ["POST", { body: 1 }]]) {
+      const path = method === "GET" ? "/rooms/r" : "/rooms/r/messages";
+      const reply = await call(method as string, path, { auth, body });
+      assert.equal(reply.status, 401, `${name}, ${method}: ${reply.text}`);
+      assert.equal(reply.body.error, "invalid_token", name);
+    }
+  }
+  assert.deepEqual((await call("GET", "/rooms/r/messages")).body, []);
+  // The scheme is case-insensitive, as RFC 9110 says.
+  expect(await call("GET", "/rooms/r", { auth: `bearer ${r.room}` }), 200);
+});
+
+// ---- registering again ----
+
+test("re-registering an existing agent id without its token is 409 agent_exists and changes nothing", async ({ call }) => {
+  await createRoom(call, "r");
+  await join(call, "r", { id: "a", name: "A", role: "worker", meta: { v: 1 } });
+  const b = await join(call, "r", { id: "b", name: "B" });
+  const before = (await call("GET", "/rooms/r/agents")).body;
+  const cases: [string, string | undefined][] = [
+    ["anonymous", undefined],
+    ["another agent's token", b],
+  ];
+  for (const [who, token] of cases) {
+    const reply = await call("POST", "/rooms/r/agents", {
+      body: { id: "a", name: "Z", role: "thief", meta: { v: 9 } },
+      token,
+    });
+    const body = expectError(reply, 409, "agent_exists");
+    assert.equal((body.agent as Body).name, "A", who);
+    assert.equal("token" in body, false, who);
+    assert.equal("token" in (body.agent as Body), false, who);
+  }
+  const after = (await call("GET", "/rooms/r/agents"))
+    .body as unknown as Body[];
+  assert.deepEqual(
+    after.map(({ id, name, role, meta }) => ({ id, name, role, meta })),
+    (before as unknown as Body[]).map(({ id, name, role, meta }) => ({
+      id,
+      name,
+      role,
+      meta,
+    })),
+  );
+});
+
+test("re-registering with the agent's own token updates it and keeps the token", async ({ call }) => {
+  await createRoom(call, "r");
+  const a = await join(call, "r", {
+    id: "a",
+    name: "A",
+    role: "worker",
+    meta: { v: 1 },
+  });
+  const reply = await call("POST", "/rooms/r/agents", {
+    body: { id: "a", name: "A2", role: "lead", meta: { v: 2 } },
+    token: a,
+  });
+  const body = expect(reply, 200);
+  assert.equal(body.id, "a");
+  assert.equal(body.name, "A2");
+  assert.equal(body.role, "lead");
+  assert.deepEqual(body.meta, { v: 2 });
+  assert.equal("token" in body, false, "no token unless rotate_token");
+  const listed = (await call("GET", "/rooms/r/agents"))
+    .body as unknown as Body[];
+  assert.deepEqual(
+    listed.map(({ id, name, role, meta }) => ({ id, name, role, meta })),
+    [{ id: "a", name: "A2", role: "lead", meta: { v: 2 } }],
+  );
+  const posted = expect(
+    await call("POST", "/rooms/r/messages", { body: { body: 1 }, token: a }),
+    201,
+  );
+  assert.equal(posted.from_agent, "a", "the old token still works");
+});
+
+test("re-registering with rotate_token: true gives a new token and retires the old one", async ({ call }) => {
+  await createRoom(call, "r");
+  const old = await join(call, "r", { id: "a", name: "A" });
+  const body = expect(
+    await call("POST", "/rooms/r/agents", {
+      body: { id: "a", name: "A", rotate_token: true },
+      token: old,
+    }),
+    200,
+  );
+  const fresh = body.token as string;
+  assert.match(fresh, TOKEN.as);
+  assert.notEqual(fresh, old);
+  expectError(
+    await call("GET", "/rooms/r", { token: old }),
+    401,
+    "invalid_token",
+  );
+  expectError(
+    await call("POST", "/rooms/r/messages", { body: { body: 1 }, token: old }),
+    401,
+    "invalid_token",
+  );
+  const posted = expect(
+    await call("POST", "/rooms/r/messages", {
+      body: { body: 2 },
+      token: fresh,
+    }),
+    201,
+  );
+  assert.equal(posted.from_agent, "a", "the new token acts as a");
+});
+
+test("re-registering with the room token is 200, and rotate_token then retires the agent's token", async ({ call }) => {
+  const r = await createRoom(call, "r");
+  const a = await join(call, "r", { id: "a", name: "A" });
+  const kept = expect(
+    await call("POST", "/rooms/r/agents", {
+      body: { id: "a", name: "A3" },
+      token: r.room,
+    }),
+    200,
+  );
+  assert.equal(kept.name, "A3");
+  assert.equal("token" in kept, false);
+  expect(await call("GET", "/rooms/r", { token: a }), 200);
+  const rotated = expect(
+    await call("POST", "/rooms/r/agents", {
+      body: { id: "a", name: "A3", rotate_token: true },
+      token: r.room,
+    }),
+    200,
+  );
+  assert.match(rotated.token as string, TOKEN.as);
+  expectError(
+    await call("GET", "/rooms/r", { token: a }),
+    401,
+    "invalid_token",
+  );
+  expect(
+    await call("GET", "/rooms/r", { token: rotated.token as string }),
+    200,
+  );
+});
+
+test("re-registering itself in a locked room with the agent's own token is 200", async ({ call }) => {
+  const r = await createRoom(call, "r", { locked: true });
+  const a = await join(call, "r", { id: "a", name: "A" }, r.room);
+  const body = expect(
+    await call("POST", "/rooms/r/agents", {
+      body: { id: "a", name: "A2", rotate_token: true },
+      token: a,
+    }),
+    200,
+  );
+  assert.equal(body.name, "A2");
+  assert.match(body.token as string, TOKEN.as);
+});
+
+// ---- tokens ----
+
+test("tokens are a kind prefix and 256 random bits in base64url, all distinct", async ({ call }) => {
+  const tokens: string[] = [];
+  for (const id of ["r1", "r2"]) {
+    const { room, view } = await createRoom(call, id);
+    assert.match(room, TOKEN.room);
+    assert.match(view, TOKEN.view);
+    tokens.push(room, view);
+    for (const agent of ["a", "b"]) {
+      const token = await join(call, id, { id: agent, name: agent });
+      assert.match(token, TOKEN.as);
+      tokens.push(token);
+    }
+  }
+  for (const token of tokens) {
+    const text = token.slice(token.indexOf("_") + 1);
+    const bytes = atob(text.replaceAll("-", "+").replaceAll("_", "/") + "=");
+    assert.equal(bytes.length, 32, "256 bits");
+  }
+  assert.equal(new Set(tokens).size, tokens.length);
+});
+
+test("POST /rooms for an existing id is 200 with the room and no tokens", async ({ call }) => {
+  await createRoom(call, "r", { meta: { v: 1 } });
+  for (const token of [undefined, ADMIN]) {
+    const body = expect(
+      await call("POST", "/rooms", {
+        body: { id: "r", meta: { v: 2 } },
+        token,
+      }),
+      200,
+    );
+    assert.deepEqual(Object.keys(body).sort(), [
+      "created_at",
+      "id",
+      "locked",
+      "meta",
+    ]);
+    assert.deepEqual(body.meta, { v: 1 });
+  }
+});
+
+test("a token appears only in the one response that issued it", async ({ app, call, db, texts }) => {
+  const issued = new Map<string, number>();
+  /** Notes the tokens of the last response as issued by it. */
+  const issuer = (...tokens: unknown[]) => {
+    for (const token of tokens) {
+      assert.equal(typeof token, "string");
+      issued.set(token as string, texts.length - 1);
+    }
+  };
+  const r = expect(
+    await call("POST", "/rooms", { body: { id: "r", meta: { x: 1 } } }),
+    201,
+  );
+  issuer(r.token, r.view_token);
+  const s = expect(
+    await call("POST", "/rooms", { body: { id: "s", locked: true } }),
+    201,
+  );
+  issuer(s.token, s.view_token);
+  const room = r.token as string;
+  const view = r.view_token as string;
+  expect(await call("POST", "/rooms", { body: { id: "r" } }), 200);
+  expect(await call("POST", "/rooms", { body: { id: "s" } }), 200);
+  const a = expect(
+    await call("POST", "/rooms/r/agents", { body: { id: "a", name: "A" } }),
+    201,
+  );
+  issuer(a.token);
+  const b = expect(
+    await call("POST", "/rooms/r/agents", {
+      body: { id: "b", name: "B" },
+      token: room,
+    }),
+    201,
+  );
+  issuer(b.token);
+  const c = expect(
+    await call("POST", "/rooms/s/agents", {
+      body: { id: "c", name: "C" },
+      token: s.token as string,
+    }),
+    201,
+  );
+  issuer(c.token);
+  const a2 = expect(
+    await call("POST", "/rooms/r/agents", {
+      body: { id: "a", name: "A", rotate_token: true },
+      token: a.token as string,
+    }),
+    200,
+  );
+  issuer(a2.token);
+  const ta = a2.token as string;
+  const tb = b.token as string;
+  expect(
+    await call("POST", "/rooms/r/agents", {
+      body: { id: "a", name: "A" },
+      token: ta,
+    }),
+    200,
+  );
+  expect(
+    await call("POST", "/rooms/r/messages", {
+      body: { body: "hi" },
+      token: ta,
+    }),
+    201,
+  );
+  expect(
+    await call("POST", "/rooms/r/batch", {
+      body: { messages: [{ body: 2 }], state: [{ key: "k", value: 1 }] },
+      token: tb,
+    }),
+    200,
+  );
+  expect(
+    await call("PUT", "/rooms/r/state", {
+      body: { scope: "b", key: "k", value: 2 },
+      token: tb,
+    }),
+    200,
+  );
+  expect(
+    await call("POST", "/rooms/r/agents/a/heartbeat", { body: {}, token: ta }),
+    200,
+  );
+  expect(await call("GET", "/rooms/r", { token: room }), 200);
+  expect(await call("GET", "/rooms/r/agents", { token: view }), 200);
+  expect(await call("GET", "/rooms/r/messages", { token: ta }), 200);
+  expect(await call("GET", "/rooms/r/state", { token: tb }), 200);
+  expect(await call("GET", "/rooms/r/context", { token: room }), 200);
+  expect(
+    await call("GET", "/rooms/s/context", { token: c.token as string }),
+    200,
+  );
+  expect(await call("GET", "/rooms"), 200);
+  expect(await call("GET", "/rooms", { token: ADMIN }), 200);
+  expect(await call("GET", "/limits"), 200);
+  expect(
+    await call("GET", "/?room=r", { headers: { accept: "text/html" } }),
+    200,
+  );
+  expect(
+    await call("GET", "/?room=s", { headers: { accept: "text/html" } }),
+    200,
+  );
+  // Errors, some sending a token that is not the room's: none is echoed back.
+  expectError(
+    await call("POST", "/rooms/r/agents", { body: { id: "a", name: "A" } }),
+    409,
+    "agent_exists",
+  );
+  expectError(
+    await call("POST", "/rooms/r/agents", {
+      body: { id: "a", name: "A" },
+      token: tb,
+    }),
+    409,
+    "agent_exists",
+  );
+  expectError(
+    await call("GET", "/rooms/r", { token: s.token as string }),
+    401,
+    "invalid_token",
+  );
+  expectError(
+    await call("GET", "/rooms/r", { token: a.token as string }),
+    401,
+    "invalid_token",
+  );
+  expectError(
+    await call("GET", "/rooms/s", { token: ta }),
+    401,
+    "invalid_token",
+  );
+  expectError(await call("GET", "/rooms/s"), 401, "token_required");
+  expectError(
+    await call("POST", "/rooms/r/messages", {
+      body: { from: "b", body: 1 },
+      token: ta,
+    }),
+    403,
+    "identity_mismatch",
+  );
+  expectError(
+    await call("PUT", "/rooms/r/state", {
+      body: { key: "k", value: 1 },
+      token: view,
+    }),
+    403,
+    "read_only",
+  );
+  expectError(
+    await call("DELETE", "/rooms/r", { token: ta }),
+    403,
+    "forbidden",
+  );
+  expectError(
+    await call("POST", "/rooms/s/agents", {
+      body: { name: "D" },
+      token: c.token as string,
+    }),
+    403,
+    "forbidden",
+  );
+  expectError(
+    await call("GET", "/rooms/r", { auth: `Basic ${room}` }),
+    401,
+    "invalid_token",
+  );
+  // The stream's first events: the backlog, the snapshot, then `ready`.
+  const res = await app.request("/rooms/r/stream", {
+    headers: {
+      "content-type": "application/json",
+      authorization: `Bearer ${room}`,
+    },
+  });
+  assert.equal(res.status, 200);
+  const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
+  let streamed = "";
+  while (!streamed.includes("event: ready")) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    streamed += value;
+  }
+  await reader.cancel();
+  await settled(db);
+  assert.match(streamed, /event: message/);
+  assert.match(streamed, /event: agent/);
+  texts.push(streamed);
+
+  assert.equal(issued.size, 8);
+  const hashes = await Promise.all([...issued.keys()].map(sha256Hex));
+  for (const [i, text] of texts.entries()) {
+    for (const [token, at] of issued) {
+      if (i !== at) {
+        assert.equal(
+          text.includes(token),
+          false,
+          `response ${i} holds ${token}: ${text}`,
+        );
+      }
+    }
+    for (const hash of hashes) {
+      assert.equal(
+        text.includes(hash),
+        false,
+        `response ${i} holds a token hash`,
+      );
+    }
+  }
+});
+
+test("the database file holds the SHA-256 of each token, never the token", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "sync_auth_test_" });
+  try {
+    const db = new Db({ url: `file:${dir}/t.db` });
+    const app = createApp({ db, rateLimit: null, adminToken: ADMIN });
+    const call = caller(app, []);
+    let live: string[];
+    let retired: string;
+    try {
+      const r = await createRoom(call, "r");
+      const s = await createRoom(call, "s", { locked: true });
+      const a = await join(call, "r", { id: "a", name: "A" });
+      const b = await join(call, "s", { id: "b", name: "B" }, s.room);
+      const rotated = expect(
+        await call("POST", "/rooms/r/agents", {
+          body: { id: "a", name: "A", rotate_token: true },
+          token: a,
+        }),
+        200,
+      );
+      expect(
+        await call("POST", "/rooms/r/messages", {
+          body: { body: "hi" },
+          token: rotated.token as string,
+          headers: { "idempotency-key": "k1" },
+        }),
+        201,
+      );
+      live = [r.room, r.view, s.room, s.view, b, rotated.token as string];
+      retired = a;
+    } finally {
+      db.close();
+    }
+    let text = "";
+    for (const name of ["t.db", "t.db-wal"]) {
+      try {
+        text += new TextDecoder("latin1").decode(
+          await Deno.readFile(`${dir}/${name}`),
+        );
+      } catch (error) {
+        if (!(error instanceof Deno.errors.NotFound)) throw error;
+      }
+    }
+    assert.ok(text.length > 0);
+    for (const token of [...live, retired]) {
+      assert.equal(text.includes(token), false, `the file holds ${token}`);
+    }
+    for (const token of live) {
+      assert.ok(text.includes(await sha256Hex(token)), `the hash of ${token}`);
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+// ---- listing and deleting rooms ----
+
+test("GET /rooms lists open rooms only, locked ones too for the admin token", async ({ call }) => {
+  await createRoom(call, "o1");
+  const l = await createRoom(call, "l1", { locked: true });
+  await createRoom(call, "o2");
+  const la = await join(call, "l1", { id: "a", name: "A" }, l.room);
+  const ids = async (token?: string) => {
+    const reply = await call("GET", "/rooms", { token });
+    return (expect(reply, 200) as unknown as Body[]).map((room) => room.id);
+  };
+  assert.deepEqual(await ids(), ["o1", "o2"]);
+  assert.deepEqual(await ids(ADMIN), ["o1", "l1", "o2"]);
+  for (const token of [l.room, l.view, la, "nope"]) {
+    assert.deepEqual(await ids(token), ["o1", "o2"], `with ${token}`);
+  }
+});
+
+test("DELETE /rooms/:id with the room token deletes the room and everything in it", async ({ call }) => {
+  await createRoom(call, "other");
+  expect(
+    await call("POST", "/rooms/other/messages", { body: { body: "keep" } }),
+    201,
+  );
+  const r = await createRoom(call, "r", { meta: { v: 1 } });
+  const a = await join(call, "r", { id: "a", name: "A" });
+  let last = 0;
+  for (let i = 0; i < 3; i++) {
+    const m = expect(
+      await call("POST", "/rooms/r/messages", { body: { body: i }, token: a }),
+      201,
+    );
+    last = m.id as number;
+  }
+  expect(
+    await call("PUT", "/rooms/r/state", { body: { key: "k", value: 1 } }),
+    200,
+  );
+  expect(
+    await call("PUT", "/rooms/r/state", {
+      body: { scope: "a", key: "k", value: 1 },
+    }),
+    200,
+  );
+
+  const deleted = await call("DELETE", "/rooms/r", { token: r.room });
+  assert.equal(deleted.status, 200);
+  assert.deepEqual(deleted.body, { deleted: true });
+
+  for (
+    const path of [
+      "/rooms/r",
+      "/rooms/r/agents",
+      "/rooms/r/messages",
+      "/rooms/r/state",
+      "/rooms/r/state?key=k",
+      "/rooms/r/context",
+      "/rooms/r/stream",
+    ]
+  ) {
+    expectError(await call("GET", path), 404, "room_not_found");
+    expectError(
+      await call("GET", path, { token: r.room }),
+      404,
+      "room_not_found",
+    );
+  }
+  expectError(
+    await call("DELETE", "/rooms/r", { token: r.room }),
+    404,
+    "room_not_found",
+  );
+  assert.deepEqual(
+    ((await call("GET", "/rooms", { token: ADMIN })).body as unknown as Body[])
+      .map((x) => x.id),
+    ["other"],
+  );
+  const kept = (await call("GET", "/rooms/other/messages"))
+    .body as unknown as Body[];
+  assert.deepEqual(
+    kept.map((m) => m.body),
+    ["keep"],
+    "other rooms are untouched",
+  );
+
+  const again = await createRoom(call, "r", { meta: { v: 2 } });
+  assert.notEqual(again.room, r.room);
+  const room = expect(await call("GET", "/rooms/r"), 200);
+  assert.deepEqual(room.meta, { v: 2 }, "a new room, not the old one");
+  assert.deepEqual((await call("GET", "/rooms/r/agents")).body, []);
+  assert.deepEqual((await call("GET", "/rooms/r/messages")).body, []);
+  assert.deepEqual((await call("GET", "/rooms/r/state")).body, []);
+  expectError(
+    await call("GET", "/rooms/r", { token: r.room }),
+    401,
+    "invalid_token",
+  );
+  expectError(
+    await call("GET", "/rooms/r", { token: a }),
+    401,
+    "invalid_token",
+  );
+  expect(
+    await call("POST", "/rooms/r/agents", { body: { id: "a", name: "A" } }),
+    201,
+  );
+  const fresh = expect(
+    await call("POST", "/rooms/r/messages", { body: { body: "new" } }),
+    201,
+  );
+  assert.ok((fresh.id as number) > last, `${fresh.id} > ${last}`);
+});
+
+// ---- rate limit ----
+
+const LIMIT = { rateLimit: { per_second: 5, burst: 10 } };
+
+test(
+  "over the rate limit a client gets 429 rate_limited with Retry-After",
+  async ({ call }) => {
+    const first = { remoteAddr: { hostname: "10.0.0.1" } };
+    for (let i = 0; i < 10; i++) {
+      expect(await call("GET", "/limits", { env: first }), 200);
+    }
+    const limited = await call("GET", "/limits", { env: first });
+    const body = expectError(limited, 429, "rate_limited");
+    const retry = Number(limited.headers.get("retry-after"));
+    assert.ok(Number.isInteger(retry) && retry >= 1, `Retry-After ${retry}`);
+    assert.equal(body.retry_after, retry);
+    // Another address, or a token from the same address, has its own allowance.
+    expect(
+      await call("GET", "/limits", {
+        env: { remoteAddr: { hostname: "10.0.0.2" } },
+      }),
+      200,
+    );
+    expect(await call("GET", "/limits", { env: first, token: "nope" }), 200);
+    // A token comes back every 0.2 s.
+    await sleep(250);
+    expect(await call("GET", "/limits", { env: first }), 200);
+    expectError(
+      await call("GET", "/limits", { env: first }),
+      429,
+      "rate_limited",
+    );
+  },
+  LIMIT,
+);
+
+test("the rate limit counts each bearer token apart", async ({ call }) => {
+  for (let i = 0; i < 10; i++) {
+    expect(await call("GET", "/rooms", { token: "t1" }), 200);
+  }
+  expectError(
+    await call("GET", "/rooms", { token: "t1" }),
+    429,
+    "rate_limited",
+  );
+  expect(await call("GET", "/rooms", { token: "t2" }), 200);
+  expect(await call("GET", "/rooms"), 200);
+}, LIMIT);
+
+test(
+  "made-up tokens from one address cannot dodge the rate limit",
+  async ({ call }) => {
+    await createRoom(call, "r", {});
+    const env = { remoteAddr: { hostname: "10.0.0.3" } };
+    const answers: string[] = [];
+    for (let i = 0; i < 12; i++) {
+      const reply = await call("GET", "/rooms/r", {
+        env,
+        token: `made_up_${i}`,
+      });
+      answers.push(`${reply.status} ${reply.body.error}`);
+    }
+    assert.deepEqual(answers.slice(0, 10), Array(10).fill("401 invalid_token"));
+    assert.deepEqual(answers.slice(10), Array(2).fill("429 rate_limited"));
+    expect(
+      await call("GET", "/rooms/r", {
+        env: { remoteAddr: { hostname: "10.0.0.4" } },
+      }),
+      200,
+    );
+  },
+  LIMIT,
+);
+
+test(
+  "GET /limits shows the rate limit and the body limit",
+  async ({ call }) => {
+    const body = expect(await call("GET", "/limits"), 200);
+    assert.deepEqual(body.rate_limit, { per_second: 5, burst: 10 });
+    assert.equal(typeof body.max_body_bytes, "number");
+  },
+  LIMIT,
+);
+
+test("GET /limits shows rate_limit: null when it is off", async ({ db }) => {
+  const app = createApp({ db, rateLimit: null, maxBodyBytes: 1000 });
+  const res = await app.request("/limits", {
+    headers: { "content-type": "application/json" },
+  });
+  const body = await res.json();
+  assert.equal(body.rate_limit, null);
+  assert.equal(body.max_body_bytes, 1000);
+  for (let i = 0; i < 30; i++) {
+    assert.equal(
+      (await app.request("/limits", {
+        headers: { "content-type": "application/json" },
+      })).status,
+      200,
+    );
+  }
+});
+
+// ---- CORS ----
+
+test("an OPTIONS preflight allows any origin and the Authorization, Content-Type and Idempotency-Key headers", async ({ app }) => {
+  const res = await app.request("/rooms/x/messages", {
+    method: "OPTIONS",
+    headers: {
+      "content-type": "application/json",
+      origin: "https://example.com",
+      "access-control-request-method": "POST",
+      "access-control-request-headers":
+        "authorization,content-type,idempotency-key",
+    },
+  });
+  assert.equal(res.status, 204);
+  assert.equal(res.headers.get("access-control-allow-origin"), "*");
+  const allowed = (res.headers.get("access-control-allow-headers") ?? "")
+    .toLowerCase().split(",").map((h) => h.trim());
+  for (const header of ["authorization", "content-type", "idempotency-key"]) {
+    assert.ok(allowed.includes(header), `${header} in ${allowed}`);
+  }
+  const methods = (res.headers.get("access-control-allow-methods") ?? "")
+    .split(",");
+  for (const method of ["GET", "POST", "PUT", "DELETE"]) {
+    assert.ok(methods.includes(method), `${method} in ${methods}`);
+  }
+  await res.body?.cancel();
+});
+
+test("a GET carries Access-Control-Allow-Origin: * and exposes Retry-After", async ({ call }) => {
+  await createRoom(call, "r");
+  const reply = await call("GET", "/rooms/r", {
+    headers: { origin: "https://example.com" },
+  });
+  assert.equal(reply.status, 200);
+  assert.equal(reply.headers.get("access-control-allow-origin"), "*");
+  assert.match(
+    reply.headers.get("access-control-expose-headers") ?? "",
+    /Retry-After/i,
+  );
+});
+
+// ---- the viewer ----
+
+test("the viewer's CSP runs only the script that carries its nonce, with nosniff and no referrer", async ({ call }) => {
+  await createRoom(call, "r");
+  const reply = await call("GET", "/?room=r", {
+    headers: { accept: "text/html" },
+  });
+  assert.equal(reply.status, 200);
+  const csp = reply.headers.get("content-security-policy") ?? "";
+  const directives = new Map(
+    csp.split(";").map((d) => d.trim().split(/\s+/)).map((
+      [name, ...values],
+    ) => [name, values]),
+  );
+  const scriptSrc = directives.get("script-src") ?? [];
+  assert.equal(scriptSrc.length, 1, csp);
+  const nonce = scriptSrc[0].match(/^'nonce-([^']+)'$/)?.[1];
+  assert.ok(nonce, `script-src is a nonce: ${csp}`);
+  const scripts = [...reply.text.matchAll(/<script\b([^>]*)>/g)].map((m) =>
+    m[1]
+  );
+  const executable = scripts.filter((attrs) =>
+    !/type="application\/json"/.test(attrs)
+  );
+  assert.equal(executable.length, 1, `one executable script: ${scripts}`);
+  assert.equal(executable[0].match(/nonce="([^"]+)"/)?.[1], nonce);
+  assert.equal(reply.headers.get("x-content-type-options"), "nosniff");
+  assert.equal(reply.headers.get("referrer-policy"), "no-referrer");
+});
+
+test("a locked room's viewer page shows none of the room, only that it is locked", async ({ call }) => {
+  const l = await createRoom(call, "l", {
+    locked: true,
+    meta: { note: "meta-secret-1" },
+  });
+  const a = await join(
+    call,
+    "l",
+    { id: "spy-7", name: "name-secret-2" },
+    l.room,
+  );
+  expect(
+    await call("POST", "/rooms/l/messages", {
+      body: { body: "message-secret-3" },
+      token: a,
+    }),
+    201,
+  );
+  expect(
+    await call("PUT", "/rooms/l/state", {
+      body: { key: "key-secret-4", value: "value-secret-5" },
+      token: a,
+    }),
+    200,
+  );
+  const reply = await call("GET", "/?room=l", {
+    headers: { accept: "text/html" },
+  });
+  assert.equal(reply.status, 200);
+  for (
+    const secret of [
+      "meta-secret-1",
+      "name-secret-2",
+      "spy-7",
+      "message-secret-3",
+      "key-secret-4",
+      "value-secret-5",
+    ]
+  ) {
+    assert.equal(
+      reply.text.includes(secret),
+      false,
+      `the page shows ${secret}`,
+    );
+  }
+  assert.match(reply.text, /locked/);
+  assert.equal(reply.headers.get("referrer-policy"), "no-referrer");
+});
+
+// ---- reads that wait or stream in a locked room ----
+
+test("in a locked room, long-polls, the stream and context need a token: anonymous 401, view token 200", async ({ app, call, db }) => {
+  const l = await createRoom(call, "l", { locked: true });
+  const a = await join(call, "l", { id: "a", name: "A" }, l.room);
+  const first = expect(
+    await call("POST", "/rooms/l/messages", { body: { body: 1 }, token: a }),
+    201,
+  );
+  expect(
+    await call("PUT", "/rooms/l/state", {
+      body: { key: "k", value: 1 },
+      token: a,
+    }),
+    200,
+  );
+  const paths = [
+    `/rooms/l/messages?after=${first.id}&wait=0.05`,
+    "/rooms/l/state?key=k&after_version=1&wait=0.05",
+    "/rooms/l/stream",
+    "/rooms/l/context",
+  ];
+  for (const path of paths) {
+    expectError(await call("GET", path), 401, "token_required");
+  }
+
+  // A view token's long-poll is woken by an agent's write.
+  const poll = app.request(`/rooms/l/messages?after=${first.id}&wait=5`, {
+    headers: {
+      "content-type": "application/json",
+      authorization: `Bearer ${l.view}`,
+    },
+  });
+  await sleep(20);
+  const second = expect(
+    await call("POST", "/rooms/l/messages", { body: { body: 2 }, token: a }),
+    201,
+  );
+  const res = await poll;
+  assert.equal(res.status, 200);
+  assert.deepEqual((await res.json()).map((m: Body) => m.id), [second.id]);
+
+  const state = expect(
+    await call("GET", "/rooms/l/state?key=k&after_version=0&wait=0.05", {
+      token: l.view,
+    }),
+    200,
+  );
+  assert.equal(state.value, 1);
+
+  const context = expect(
+    await call("GET", "/rooms/l/context", { token: l.view }),
+    200,
+  );
+  assert.equal((context.room as Body).id, "l");
+  assert.deepEqual((context.agents as Body[]).map((x) => x.id), ["a"]);
+  assert.equal((context.messages as Body).total, 2);
+
+  const stream = await app.request("/rooms/l/stream", {
+    headers: {
+      "content-type": "application/json",
+      authorization: `Bearer ${l.view}`,
+    },
+  });
+  assert.equal(stream.status, 200);
+  const reader = stream.body!.pipeThrough(new TextDecoderStream()).getReader();
+  let streamed = "";
+  while (!streamed.includes("event: ready")) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    streamed += value;
+  }
+  await reader.cancel();
+  await settled(db);
+  assert.match(streamed, new RegExp(`id: ${second.id}\n`));
+});

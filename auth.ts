@@ -14,6 +14,10 @@ import { agentByToken, type Db, type Room, type RoomRecord } from "./db.ts";
 import { ApiError } from "./errors.ts";
 
 const SYNC_ADMIN_TOKEN = Deno.env.get("SYNC_ADMIN_TOKEN") || undefined;
+// It opens every room; one short enough to guess would open them to anyone.
+if (SYNC_ADMIN_TOKEN !== undefined && SYNC_ADMIN_TOKEN.length < 32) {
+  throw new Error("SYNC_ADMIN_TOKEN must be at least 32 characters");
+}
 
 /** Who a request acts as. */
 export type Caller =
@@ -67,12 +71,13 @@ export function bearer(header: string | undefined): string | undefined {
   return match[1];
 }
 
-/** Whether a token is the server admin token. */
-export function isAdmin(
+/** Whether a token is the server admin token (compared as hashes: no length leaks). */
+export async function isAdmin(
   token: string | undefined,
   admin = SYNC_ADMIN_TOKEN,
-): boolean {
-  return token !== undefined && admin !== undefined && same(token, admin);
+): Promise<boolean> {
+  if (token === undefined || admin === undefined) return false;
+  return same(await hashToken(token), await hashToken(admin));
 }
 
 /**
@@ -86,7 +91,7 @@ export async function identify(
   admin = SYNC_ADMIN_TOKEN,
 ): Promise<Caller> {
   if (token === undefined) return { kind: "anonymous" };
-  if (isAdmin(token, admin)) return { kind: "admin" };
+  if (await isAdmin(token, admin)) return { kind: "admin" };
   const hash = await hashToken(token);
   if (
     token.startsWith("room_") && record.token_hash &&

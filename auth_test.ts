@@ -826,7 +826,8 @@ test("a token appears only in the one response that issued it", async ({ app, ca
   const room = r.token as string;
   const view = r.view_token as string;
   expect(await call("POST", "/rooms", { body: { id: "r" } }), 200);
-  expect(await call("POST", "/rooms", { body: { id: "s" } }), 200);
+  // Joining a locked room without a token of it shows nothing of it.
+  expect(await call("POST", "/rooms", { body: { id: "s" } }), 401);
   const a = expect(
     await call("POST", "/rooms/r/agents", { body: { id: "a", name: "A" } }),
     201,
@@ -1192,6 +1193,10 @@ const LIMIT = { rateLimit: { per_second: 5, burst: 10 } };
 test(
   "over the rate limit a client gets 429 rate_limited with Retry-After",
   async ({ call }) => {
+    // A token proves itself by being admitted to its room (from another address).
+    const other = { remoteAddr: { hostname: "10.0.0.9" } };
+    const { room } = await createRoom(call, "lim", {});
+    expect(await call("GET", "/rooms/lim", { env: other, token: room }), 200);
     const first = { remoteAddr: { hostname: "10.0.0.1" } };
     for (let i = 0; i < 10; i++) {
       expect(await call("GET", "/limits", { env: first }), 200);
@@ -1201,15 +1206,21 @@ test(
     const retry = Number(limited.headers.get("retry-after"));
     assert.ok(Number.isInteger(retry) && retry >= 1, `Retry-After ${retry}`);
     assert.equal(body.retry_after, retry);
-    // Another address, or a token from the same address, has its own allowance.
+    // Another address, or a proven token from the same address, has its own
+    // allowance; a made-up token counts as its address.
     expect(
       await call("GET", "/limits", {
         env: { remoteAddr: { hostname: "10.0.0.2" } },
       }),
       200,
     );
-    expect(await call("GET", "/limits", { env: first, token: "nope" }), 200);
-    // A token comes back every 0.2 s.
+    expect(await call("GET", "/limits", { env: first, token: room }), 200);
+    expectError(
+      await call("GET", "/limits", { env: first, token: "nope" }),
+      429,
+      "rate_limited",
+    );
+    // A request comes back every 0.2 s.
     await sleep(250);
     expect(await call("GET", "/limits", { env: first }), 200);
     expectError(
@@ -1221,18 +1232,42 @@ test(
   LIMIT,
 );
 
-test("the rate limit counts each bearer token apart", async ({ call }) => {
+test("the rate limit counts each proven token apart", async ({ call }) => {
+  const { room, view } = await createRoom(call, "r", {});
+  const env = { remoteAddr: { hostname: "10.0.0.5" } };
+  for (const token of [room, view]) {
+    expect(await call("GET", "/rooms/r", { env, token }), 200);
+  }
   for (let i = 0; i < 10; i++) {
-    expect(await call("GET", "/rooms", { token: "t1" }), 200);
+    expect(await call("GET", "/rooms", { env, token: room }), 200);
   }
   expectError(
-    await call("GET", "/rooms", { token: "t1" }),
+    await call("GET", "/rooms", { env, token: room }),
     429,
     "rate_limited",
   );
-  expect(await call("GET", "/rooms", { token: "t2" }), 200);
-  expect(await call("GET", "/rooms"), 200);
+  expect(await call("GET", "/rooms", { env, token: view }), 200);
+  expect(await call("GET", "/rooms", { env }), 200);
 }, LIMIT);
+
+test(
+  "tokens that prove nothing, however spelled, count as their address",
+  async ({ call }) => {
+    const env = { remoteAddr: { hostname: "10.0.0.6" } };
+    const answers: number[] = [];
+    for (let i = 0; i < 12; i++) {
+      const reply = await call("POST", "/rooms", {
+        env,
+        token: i % 2 ? `junk${i}` : undefined,
+        auth: i % 3 === 0 ? `bearer    junk${i}` : undefined,
+      });
+      answers.push(reply.status);
+    }
+    assert.deepEqual(answers.slice(0, 10), Array(10).fill(201));
+    assert.deepEqual(answers.slice(10), [429, 429]);
+  },
+  LIMIT,
+);
 
 test(
   "made-up tokens from one address cannot dodge the rate limit",
@@ -1482,4 +1517,164 @@ test("in a locked room, long-polls, the stream and context need a token: anonymo
   await reader.cancel();
   await settled(db);
   assert.match(streamed, new RegExp(`id: ${second.id}\n`));
+});
+
+// ---- what the security review found ----
+
+test("joining an existing locked room without a token of it is 401 and shows nothing of it", async ({ call }) => {
+  const { view } = await createRoom(call, "ops", {
+    locked: true,
+    meta: { secret: "launch codes" },
+  });
+  const refused = expectError(
+    await call("POST", "/rooms", { body: { id: "ops" } }),
+    401,
+    "token_required",
+  );
+  assert.ok(!JSON.stringify(refused).includes("launch codes"));
+  expectError(
+    await call("POST", "/rooms", { body: { id: "ops" }, token: "nope" }),
+    401,
+    "invalid_token",
+  );
+  const joined = expect(
+    await call("POST", "/rooms", { body: { id: "ops" }, token: view }),
+    200,
+  );
+  assert.deepEqual(joined.meta, { secret: "launch codes" });
+  assert.equal(joined.token, undefined);
+});
+
+test("a view token cannot show an agent as waiting", async ({ call, db }) => {
+  const { room, view } = await createRoom(call, "r", { locked: true });
+  await join(call, "r", { id: "a", name: "A" }, room);
+  expect(
+    await call("POST", "/rooms/r/agents/a/heartbeat", {
+      body: { status: "done" },
+      token: room,
+    }),
+    200,
+  );
+  const before = expect(
+    await call("GET", "/rooms/r/agents", { token: view }),
+    200,
+  );
+  for (
+    const path of [
+      "/rooms/r/messages?wait=0.1&agent=a",
+      "/rooms/r/state?key=k&wait=0.1&agent=a",
+    ]
+  ) {
+    expectError(await call("GET", path, { token: view }), 403, "read_only");
+  }
+  await settled(db);
+  const after = expect(
+    await call("GET", "/rooms/r/agents", { token: view }),
+    200,
+  );
+  assert.deepEqual(withoutIdle(after), withoutIdle(before));
+});
+
+test("the same Idempotency-Key and body from another agent is another request: 422", async ({ call }) => {
+  const { room } = await createRoom(call, "r", { locked: true });
+  const a = await join(call, "r", { id: "a", name: "A" }, room);
+  const b = await join(call, "r", { id: "b", name: "B" }, room);
+  const headers = { "idempotency-key": "task-1" };
+  const first = expect(
+    await call("POST", "/rooms/r/messages", {
+      body: { body: "done" },
+      token: a,
+      headers,
+    }),
+    201,
+  );
+  assert.equal(first.from_agent, "a");
+  expectError(
+    await call("POST", "/rooms/r/messages", {
+      body: { body: "done" },
+      token: b,
+      headers,
+    }),
+    422,
+    "idempotency_key_reused",
+  );
+  const replay = await call("POST", "/rooms/r/messages", {
+    body: { body: "done" },
+    token: a,
+    headers,
+  });
+  assert.equal(replay.headers.get("idempotent-replayed"), "true");
+  const all = expect(
+    await call("GET", "/rooms/r/messages", { token: a }),
+    200,
+  ) as unknown as unknown[];
+  assert.equal(all.length, 1);
+});
+
+test("a long-poll of a room that is deleted meanwhile answers 404 room_not_found", async ({ call }) => {
+  const { room } = await createRoom(call, "x", {});
+  const waiting = call("GET", "/rooms/x/messages?wait=5");
+  await sleep(50);
+  expect(await call("DELETE", "/rooms/x", { token: room }), 200);
+  const t0 = performance.now();
+  expectError(await waiting, 404, "room_not_found");
+  assert.ok(performance.now() - t0 < 1000);
+});
+
+test("a long-poll with a token rotated meanwhile answers 401 invalid_token", async ({ call }) => {
+  const { room } = await createRoom(call, "r", {});
+  const a = await join(call, "r", { id: "a", name: "A" }, room);
+  const waiting = call("GET", "/rooms/r/state?key=k&wait=5", { token: a });
+  await sleep(50);
+  expect(
+    await call("POST", "/rooms/r/agents", {
+      body: { id: "a", name: "A", rotate_token: true },
+      token: a,
+    }),
+    200,
+  );
+  expectError(await waiting, 401, "invalid_token");
+});
+
+test("a stream ends when its room is deleted, and when its token is rotated", async ({ app, call, db }) => {
+  const { room } = await createRoom(call, "gone", {});
+  await createRoom(call, "r", {});
+  const a = await join(call, "r", { id: "a", name: "A" });
+  const cases = [
+    {
+      path: "/rooms/gone/stream",
+      token: undefined,
+      revoke: () => call("DELETE", "/rooms/gone", { token: room }),
+    },
+    {
+      path: "/rooms/r/stream",
+      token: a,
+      revoke: () =>
+        call("POST", "/rooms/r/agents", {
+          body: { id: "a", name: "A", rotate_token: true },
+          token: a,
+        }),
+    },
+  ];
+  for (const { path, token, revoke } of cases) {
+    const res = await app.request(path, {
+      headers: token ? { authorization: `Bearer ${token}` } : {},
+    });
+    assert.equal(res.status, 200);
+    const text = res.text();
+    await sleep(50);
+    await revoke();
+    assert.match(
+      await text,
+      /event: end\ndata: \{"room_id":"[a-z]+","reason":"access"\}/,
+    );
+    await settled(db);
+  }
+});
+
+test("GET / tells caches not to keep the docs (they name the request's host)", async ({ call }) => {
+  const reply = await call("GET", "/", {
+    headers: { accept: "text/markdown" },
+  });
+  assert.equal(reply.headers.get("cache-control"), "no-store");
 });

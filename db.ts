@@ -386,6 +386,7 @@ export async function deleteRoom(db: Db, id: string): Promise<boolean> {
     ].map((sql) => ({ sql, args: [id] })),
     "write",
   );
+  db.notifier.publish(id, { type: "access" });
   return results.at(-1)!.rowsAffected > 0;
 }
 
@@ -488,6 +489,10 @@ export async function updateAgent(
   if (!row) return null;
   const updated = toAgent(row, now);
   db.notifier.publish(agent.room_id, { type: "agent", agent: updated });
+  // A rotated token must stop working for waits and streams already open too.
+  if (agent.token_hash !== undefined) {
+    db.notifier.publish(agent.room_id, { type: "access" });
+  }
   return updated;
 }
 

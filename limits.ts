@@ -1,9 +1,10 @@
 /**
  * The per-client rate limit: a token bucket per bearer token, or per IP address for
- * requests without one. Hand-written (30 lines) because the Hono rate limiters count
- * fixed windows, and the spec asks for a steady rate with a burst allowance.
+ * requests without one. Hand-written (a few lines) because the Hono rate limiters
+ * count fixed windows, and the spec asks for a steady rate with a burst allowance.
  */
 import type { Context, MiddlewareHandler } from "hono";
+import { hashToken } from "./auth.ts";
 import { ApiError } from "./errors.ts";
 
 /** Requests per second, and how many may come at once after a quiet spell. */
@@ -11,8 +12,11 @@ export type RateLimit = { per_second: number; burst: number };
 
 type Bucket = { tokens: number; at: number };
 
-/** How many idle buckets are kept before the full ones are swept away. */
+/** How many buckets are kept before those that would be full again are swept away. */
 const MAX_BUCKETS = 10_000;
+
+/** How many proven tokens are remembered (by hash); past that the memory starts over. */
+const MAX_TRUSTED = 100_000;
 
 /** The address a request came from. */
 function address(c: Context): string {
@@ -21,66 +25,68 @@ function address(c: Context): string {
   return info?.remoteAddr?.hostname ?? "unknown";
 }
 
+/** The bearer token of a request, as `auth.ts` reads it, or undefined. */
+function bearerOf(c: Context): string | undefined {
+  return c.req.header("authorization")?.match(/^Bearer\s+(\S+)\s*$/i)?.[1];
+}
+
 /**
- * Refuses a client's requests beyond the limit with 429 `rate_limited` and Retry-After.
- * A client is its bearer token, or its address without one. Requests refused for a bad
- * token (401) also count against their address, so a stream of made-up tokens cannot
- * dodge the limit by getting a fresh bucket for each.
+ * Counts requests per client and refuses those beyond the limit with 429
+ * `rate_limited` and Retry-After. A client is a token that has proven itself (a room
+ * admitted it: `trust`), else its address: made-up tokens, or tokens spelled in new
+ * ways, cannot buy a fresh allowance each.
  */
-export function rateLimit(limit: RateLimit): MiddlewareHandler {
-  const buckets = new Map<string, Bucket>();
-  /** Refills a bucket to now; answers it (not stored yet). */
-  const fill = (key: string, now: number): Bucket => {
-    const bucket = buckets.get(key) ?? { tokens: limit.burst, at: now };
+export class RateLimiter {
+  readonly limit: RateLimit;
+  #buckets = new Map<string, Bucket>();
+  #trusted = new Set<string>();
+
+  constructor(limit: RateLimit) {
+    this.limit = limit;
+  }
+
+  /** Marks a token as proven: from now on it counts as itself, not as its address. */
+  async trust(token: string): Promise<void> {
+    const hash = await hashToken(token);
+    if (this.#trusted.has(hash)) return;
+    if (this.#trusted.size >= MAX_TRUSTED) this.#trusted.clear();
+    this.#trusted.add(hash);
+  }
+
+  /** The middleware that counts and refuses. */
+  readonly middleware: MiddlewareHandler = async (c, next) => {
+    const token = bearerOf(c);
+    const hash = token === undefined ? undefined : await hashToken(token);
+    const key = hash !== undefined && this.#trusted.has(hash)
+      ? `token ${hash}`
+      : `ip ${address(c)}`;
+    const now = Date.now();
+    const { per_second, burst } = this.limit;
+    const bucket = this.#buckets.get(key) ?? { tokens: burst, at: now };
     bucket.tokens = Math.min(
-      limit.burst,
-      bucket.tokens + (now - bucket.at) / 1000 * limit.per_second,
+      burst,
+      bucket.tokens + (now - bucket.at) / 1000 * per_second,
     );
     bucket.at = now;
-    return bucket;
-  };
-  const refuse = (c: Context, bucket: Bucket): never => {
-    const seconds = Math.max(
-      1,
-      Math.ceil((1 - bucket.tokens) / limit.per_second),
-    );
-    c.header("Retry-After", String(seconds));
-    throw new ApiError(
-      "rate_limited",
-      `Over ${limit.per_second} requests per second (burst ${limit.burst}); retry in ${seconds} s`,
-      { retry_after: seconds },
-    );
-  };
-  return async (c, next) => {
-    const now = Date.now();
-    const auth = c.req.header("authorization");
-    const failures = fill(`failures ${address(c)}`, now);
-    if (auth !== undefined && failures.tokens < 1) refuse(c, failures);
-    const bucket = fill(
-      auth === undefined ? `ip ${address(c)}` : `token ${auth}`,
-      now,
-    );
-    if (bucket.tokens < 1) refuse(c, bucket);
+    if (bucket.tokens < 1) {
+      const seconds = Math.max(1, Math.ceil((1 - bucket.tokens) / per_second));
+      c.header("Retry-After", String(seconds));
+      throw new ApiError(
+        "rate_limited",
+        `Over ${per_second} requests per second (burst ${burst}); retry in ${seconds} s`,
+        { retry_after: seconds },
+      );
+    }
     bucket.tokens -= 1;
-    buckets.set(
-      auth === undefined ? `ip ${address(c)}` : `token ${auth}`,
-      bucket,
-    );
-    if (buckets.size > MAX_BUCKETS) {
+    this.#buckets.set(key, bucket);
+    if (this.#buckets.size > MAX_BUCKETS) {
       // A bucket that would be full again holds nothing worth keeping.
-      for (const [k, b] of buckets) {
-        if (b.tokens + (now - b.at) / 1000 * limit.per_second >= limit.burst) {
-          buckets.delete(k);
+      for (const [k, b] of this.#buckets) {
+        if (b.tokens + (now - b.at) / 1000 * per_second >= burst) {
+          this.#buckets.delete(k);
         }
       }
     }
-    try {
-      await next();
-    } finally {
-      if (c.res.status === 401) {
-        failures.tokens -= 1;
-        buckets.set(`failures ${address(c)}`, failures);
-      }
-    }
+    await next();
   };
 }

@@ -55,7 +55,7 @@ import {
   newToken,
 } from "./auth.ts";
 import { usage } from "./docs.ts";
-import { type RateLimit, rateLimit } from "./limits.ts";
+import { type RateLimit, RateLimiter } from "./limits.ts";
 import {
   ApiError,
   errorResponse,
@@ -153,6 +153,7 @@ const viewerHeaders = secureHeaders({
 export function createApp(options: AppOptions) {
   const { db, shutdown, adminToken } = options;
   const limit = options.rateLimit === undefined ? RATE : options.rateLimit;
+  const limiter = limit ? new RateLimiter(limit) : undefined;
   /** Aborts when the client goes away or the process drains. */
   const ending = (c: Context) =>
     shutdown ? AbortSignal.any([c.req.raw.signal, shutdown]) : c.req.raw.signal;
@@ -164,19 +165,34 @@ export function createApp(options: AppOptions) {
    */
   const inRoom = createMiddleware<RoomEnv>(async (c, next) => {
     const id = parse(Id, c.req.param("id"), "room id");
-    const found = await findRoom(db, id);
-    if (!found) throw roomNotFound(id);
-    const caller = await identify(
-      db,
-      found,
-      bearer(c.req.header("authorization")),
-      adminToken,
-    );
-    mayRead(found.room, caller);
-    c.set("room", found.room);
+    const { room, caller } = await admit(id, c.req.header("authorization"));
+    c.set("room", room);
     c.set("caller", caller);
     await next();
   });
+
+  /** Throws unless the request may still read its room (deleted, token rotated). */
+  const readable = async (c: Context) => {
+    await admit(
+      parse(Id, c.req.param("id"), "room id"),
+      c.req.header("authorization"),
+    );
+  };
+
+  /**
+   * The room and who a request with this Authorization header acts as in it, once it
+   * may read the room (else 404, 401 or 403). A token that proves itself here counts
+   * for the rate limit as itself from then on, not as its address.
+   */
+  async function admit(id: string, authorization: string | undefined) {
+    const found = await findRoom(db, id);
+    if (!found) throw roomNotFound(id);
+    const token = bearer(authorization);
+    const caller = await identify(db, found, token, adminToken);
+    mayRead(found.room, caller);
+    if (token !== undefined) await limiter?.trust(token);
+    return { room: found.room, caller };
+  }
   /** After `inRoom`: checks that the caller may write in the room. */
   const writer = createMiddleware<RoomEnv>(async (c, next) => {
     mayWrite(c.var.room, c.var.caller);
@@ -191,6 +207,7 @@ export function createApp(options: AppOptions) {
   const once = async (
     c: Context,
     roomId: string,
+    caller: Caller,
     write: (
       idempotency?: Idempotency,
     ) => Promise<{ status: 200 | 201; body: unknown }>,
@@ -201,8 +218,11 @@ export function createApp(options: AppOptions) {
       return c.json(body, status);
     }
     const key = parse(IdempotencyKey, header, "Idempotency-Key header");
+    // Who asks is part of the request: the same key and body from another agent is
+    // another request, not a retry.
+    const who = caller.kind === "agent" ? `agent ${caller.id}` : caller.kind;
     const request = await sha256(
-      `${c.req.method} ${c.req.path}\n${await c.req.text()}`,
+      `${who} ${c.req.method} ${c.req.path}\n${await c.req.text()}`,
     );
     const replay = async () => {
       // The first request may still be running: its answer is stored when it ends.
@@ -254,7 +274,7 @@ export function createApp(options: AppOptions) {
       ],
       exposeHeaders: ["Retry-After", "Idempotent-Replayed"],
     }))
-    .use(limit ? rateLimit(limit) : (_c, next) => next())
+    .use(limiter ? limiter.middleware : (_c, next) => next())
     .use(bodyLimit({
       maxSize: maxBodyBytes,
       onError: (c) =>
@@ -292,8 +312,10 @@ export function createApp(options: AppOptions) {
       if (c.req.header("accept")?.includes("text/html")) {
         return c.html(Landing({ origin, nonce }));
       }
+      // The docs name this request's host: never cache them for another.
       return c.body(usage(origin), 200, {
         "content-type": "text/markdown; charset=utf-8",
+        "cache-control": "no-store",
       });
     })
     .get("/healthz", async (c) => {
@@ -334,12 +356,19 @@ export function createApp(options: AppOptions) {
         token_hash: await hashToken(token),
         view_token_hash: await hashToken(viewToken),
       });
-      // The tokens are shown once, to the creator; joining an existing room never shows them.
-      if (!created) return c.json(room, 200);
+      // The tokens are shown once, to the creator; joining an existing room never shows
+      // them, and joining a locked one needs a token of it, as reading it does.
+      if (!created) {
+        if (room.locked) await admit(room.id, c.req.header("authorization"));
+        return c.json(room, 200);
+      }
       return c.json({ ...room, token, view_token: viewToken }, 201);
     })
     .get("/rooms", async (c) => {
-      const admin = isAdmin(bearer(c.req.header("authorization")), adminToken);
+      const admin = await isAdmin(
+        bearer(c.req.header("authorization")),
+        adminToken,
+      );
       return c.json(await listRooms(db, admin));
     })
     .get("/rooms/:id", inRoom, (c) => c.json(c.var.room))
@@ -368,7 +397,14 @@ export function createApp(options: AppOptions) {
       const after = resume === undefined
         ? c.req.valid("query").after ?? 0
         : parse(LastEventId, resume, "Last-Event-ID header");
-      return streamRoom(c, db, c.var.room.id, after, shutdown);
+      return streamRoom(
+        c,
+        db,
+        c.var.room.id,
+        after,
+        shutdown,
+        () => readable(c),
+      );
     })
     // ---- agents ----
     .post(
@@ -452,7 +488,7 @@ export function createApp(options: AppOptions) {
     .post("/rooms/:id/messages", inRoom, writer, body(PostMessage), (c) => {
       const roomId = c.var.room.id;
       const message = toNewMessage(c.req.valid("json"), c.var.caller);
-      return once(c, roomId, async (idempotency) => {
+      return once(c, roomId, c.var.caller, async (idempotency) => {
         const inserted = await insertMessage(db, roomId, message, idempotency);
         if (!inserted) throw replyNotFound(roomId, message.reply_to!);
         return { status: 201, body: inserted };
@@ -476,8 +512,16 @@ export function createApp(options: AppOptions) {
       const messages = await whileWaiting(
         db,
         roomId,
-        q.wait ? actingAs(c.var.caller, q.agent, "agent") : undefined,
-        () => waitForMessages(db, roomId, filter, q.wait ?? 0, ending(c)),
+        q.wait ? presenceOf(c.var.caller, q.agent) : undefined,
+        () =>
+          waitForMessages(
+            db,
+            roomId,
+            filter,
+            q.wait ?? 0,
+            ending(c),
+            () => readable(c),
+          ),
       );
       return c.json(messages);
     })
@@ -540,7 +584,7 @@ export function createApp(options: AppOptions) {
       const entry = await whileWaiting(
         db,
         room.id,
-        wait ? actingAs(c.var.caller, agent, "agent") : undefined,
+        wait ? presenceOf(c.var.caller, agent) : undefined,
         () =>
           waitForState(
             db,
@@ -550,6 +594,7 @@ export function createApp(options: AppOptions) {
             after_version ?? 0,
             wait ?? 0,
             ending(c),
+            () => readable(c),
           ),
       );
       if (!entry) {
@@ -586,7 +631,7 @@ export function createApp(options: AppOptions) {
       const messages = (input.messages ?? []).map((m) =>
         toNewMessage(m, caller)
       );
-      return once(c, roomId, async (idempotency) => {
+      return once(c, roomId, caller, async (idempotency) => {
         const result = await applyBatch(
           db,
           roomId,
@@ -657,6 +702,23 @@ async function sha256(text: string): Promise<string> {
     new Uint8Array(digest),
     (b) => b.toString(16).padStart(2, "0"),
   ).join("");
+}
+
+/**
+ * The agent a wait shows as `waiting` (`agent=`): it writes presence, so a view token
+ * may not name one, and an agent token only itself.
+ */
+function presenceOf(
+  caller: Caller,
+  agent: string | undefined,
+): string | undefined {
+  if (caller.kind === "view" && agent !== undefined) {
+    throw new ApiError(
+      "read_only",
+      'A view token cannot show an agent as waiting; leave out "agent"',
+    );
+  }
+  return actingAs(caller, agent, "agent");
 }
 
 /** A message to append, sent as `caller`: an agent token posts as its agent only. */

@@ -12,7 +12,9 @@ export type RoomEvent =
   | { type: "claim"; message: Message }
   | { type: "state"; scope: string; key: string; entry: StateEntry | null }
   | { type: "agent"; agent: Agent }
-  | { type: "changed" };
+  | { type: "changed" }
+  /** Who may read the room changed (deleted, a token rotated): waiters check again. */
+  | { type: "access" };
 
 type Listener = (event: RoomEvent) => void;
 
@@ -78,11 +80,18 @@ export class Notifier {
     this.#polling = true;
     try {
       const revs = await this.#readRevs([...this.#listeners.keys()]);
-      for (const [room, rev] of revs) {
+      for (const room of this.#listeners.keys()) {
+        const rev = revs.get(room);
         const known = this.#revs.get(room);
-        if (known === undefined || rev <= known) continue;
-        this.#revs.set(room, rev);
-        this.publish(room, { type: "changed" });
+        if (known === undefined) continue;
+        if (rev === undefined || rev < known) {
+          // Deleted (and perhaps made again) on another instance.
+          this.#revs.set(room, rev ?? 0);
+          this.publish(room, { type: "access" });
+        } else if (rev > known) {
+          this.#revs.set(room, rev);
+          this.publish(room, { type: "changed" });
+        }
       }
     } catch (error) {
       // The database may be briefly unreachable; the next tick tries again.

@@ -228,7 +228,6 @@ export const GetContext = z.strictObject({
 
 export const GetStream = z.strictObject({
   after: Count.optional(),
-  agent: Id.optional(),
 });
 
 export const ViewerQuery = z.strictObject({ room: Id.optional() });

@@ -34,6 +34,8 @@ type Pending = {
   messages: boolean;
   /** Something changed on another instance: re-read what the events would have said. */
   changed: boolean;
+  /** Who may read the room changed: check this stream's access again. */
+  access: boolean;
   claims: Map<number, Message>;
   agents: Map<string, Agent>;
   state: Map<string, { scope: string; key: string; entry: StateEntry | null }>;
@@ -46,12 +48,14 @@ export function streamRoom(
   roomId: string,
   after: number,
   stop?: AbortSignal,
+  verify?: () => Promise<void>,
 ): Response {
   c.header("X-Accel-Buffering", "no");
   return streamSSE(c, async (stream) => {
     const pending: Pending = {
       messages: false,
       changed: false,
+      access: false,
       claims: new Map(),
       agents: new Map(),
       state: new Map(),
@@ -61,6 +65,7 @@ export function streamRoom(
     const unsubscribe = db.notifier.subscribe(roomId, rev, (event) => {
       if (event.type === "message") pending.messages = true;
       else if (event.type === "changed") pending.changed = true;
+      else if (event.type === "access") pending.access = true;
       else if (event.type === "claim") {
         pending.claims.set(event.message.id, event.message);
       } else if (event.type === "agent") {
@@ -159,6 +164,17 @@ export function streamRoom(
       while (!ended()) {
         await wake.promise;
         wake = Promise.withResolvers<void>();
+        if (pending.access || pending.changed) {
+          // A deleted room, a rotated token, or a change made elsewhere (which may be
+          // either): a stream that may no longer read the room ends here.
+          pending.access = false;
+          try {
+            await verify?.();
+          } catch {
+            await send("end", { room_id: roomId, reason: "access" });
+            break;
+          }
+        }
         if (pending.messages || pending.changed) {
           pending.messages = false;
           await catchUp();

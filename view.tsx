@@ -261,8 +261,16 @@ const VIEWER_SCRIPT = `
 "use strict";
 const data = JSON.parse(document.getElementById("room-data").textContent);
 const base = "/rooms/" + encodeURIComponent(data.room);
-// A locked room's token rides in the URL fragment, which browsers never send.
-const token = new URLSearchParams(location.hash.slice(1)).get("token");
+// A locked room's token rides in the URL fragment, which browsers never send. It moves
+// to this tab's session storage and out of the address (and history): reply links
+// change the fragment, and a reload still has it.
+const tokenKey = "sync-token:" + data.room;
+const given = new URLSearchParams(location.hash.slice(1)).get("token");
+if (given) {
+  sessionStorage.setItem(tokenKey, given);
+  history.replaceState(null, "", location.pathname + location.search);
+}
+const token = sessionStorage.getItem(tokenKey);
 const auth = token ? { authorization: "Bearer " + token } : {};
 const MAX_SHOWN = 2000;
 let after = data.after;

@@ -33,12 +33,16 @@ export async function waitFor<T>(options: {
   signal?: AbortSignal;
   check: (recheckAt: (time: number) => void) => Promise<T | undefined>;
   wakes: (event: RoomEvent) => boolean;
+  /** Throws when the request may no longer read the room (run on `access` events). */
+  verify?: () => Promise<void>;
 }): Promise<T | undefined> {
-  const { notifier, room, rev, signal, check, wakes } = options;
+  const { notifier, room, rev, signal, check, wakes, verify } = options;
+  let recheckAccess = false;
   const deadline = Date.now() + options.ms;
   let woke = Promise.withResolvers<void>();
   const unsubscribe = notifier.subscribe(room, rev, (event) => {
-    if (wakes(event)) woke.resolve();
+    if (event.type === "access") recheckAccess = true;
+    if (event.type === "access" || wakes(event)) woke.resolve();
   });
   const abort = () => woke.resolve();
   signal?.addEventListener("abort", abort, { once: true });
@@ -54,6 +58,10 @@ export async function waitFor<T>(options: {
       const timer = setTimeout(abort, Math.max(0, until - Date.now()));
       await woke.promise;
       clearTimeout(timer);
+      if (recheckAccess) {
+        recheckAccess = false;
+        await verify?.();
+      }
       if (Date.now() >= deadline || signal?.aborted) {
         return await check(() => {});
       }
@@ -91,6 +99,7 @@ export async function waitForMessages(
   filter: MessageFilter,
   seconds: number,
   signal?: AbortSignal,
+  verify?: () => Promise<void>,
 ): Promise<Message[]> {
   if (seconds <= 0) return listMessages(db, roomId, filter);
   const found = await waitFor({
@@ -110,6 +119,7 @@ export async function waitForMessages(
       return undefined;
     },
     wakes: (event) => mayMatch(filter, event),
+    verify,
   });
   return found ?? [];
 }
@@ -126,6 +136,7 @@ export async function waitForState(
   afterVersion: number,
   seconds: number,
   signal?: AbortSignal,
+  verify?: () => Promise<void>,
 ): Promise<StateEntry | null> {
   const changed = async (recheckAt: (time: number) => void) => {
     const entry = await getState(db, roomId, scope, key);
@@ -144,6 +155,7 @@ export async function waitForState(
     wakes: (event) =>
       event.type === "changed" ||
       (event.type === "state" && event.scope === scope && event.key === key),
+    verify,
   });
   return found ? found.entry : await getState(db, roomId, scope, key);
 }

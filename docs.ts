@@ -40,7 +40,7 @@ post results → write state → repeat.
 | \`DELETE /rooms/:id\` | room token | 200 \`{deleted: true}\`: the room and everything in it |
 | \`GET /limits\` | | 200 the limits in force (body size, rate, batch size, wait) |
 | \`GET /rooms/:id/context\` | \`?messages=50\` | 200 \`{room, agents, state, messages: {items, total, next_after}}\`: all a late joiner needs |
-| \`GET /rooms/:id/stream\` | \`?after=0\` or \`Last-Event-ID\` | Server-Sent Events: \`message\` (SSE id = message id), a snapshot then \`ready\`, then \`state\`, \`agent\`, \`claim\` |
+| \`GET /rooms/:id/stream\` | \`?after=0\` or \`Last-Event-ID\` | Server-Sent Events: \`message\` (SSE id = message id), a snapshot then \`ready\`, then \`state\`, \`agent\`, \`claim\`; \`end\` if access ends |
 | \`POST /rooms/:id/agents\` | \`{id?, name, role?, meta?, rotate_token?}\` | 201 agent with its \`token\` (shown once); again with its token: 200 |
 | \`GET /rooms/:id/agents\` | | 200 \`[agent]\` |
 | \`POST /rooms/:id/agents/:agent/heartbeat\` | \`{status?}\` | 200 agent; status is \`active\`, \`idle\`, \`busy\`, \`waiting\` or \`done\` |

@@ -38,16 +38,21 @@ export function newToken(kind: TokenKind): string {
   }`;
 }
 
-/** The hex SHA-256 of a token: all the database ever holds of it. */
-export async function hashToken(token: string): Promise<string> {
+/** The hex SHA-256 of a text. */
+export async function sha256(text: string): Promise<string> {
   const digest = await crypto.subtle.digest(
     "SHA-256",
-    new TextEncoder().encode(token),
+    new TextEncoder().encode(text),
   );
   return Array.from(
     new Uint8Array(digest),
     (b) => b.toString(16).padStart(2, "0"),
   ).join("");
+}
+
+/** The hash of a token: all the database ever holds of it. */
+export function hashToken(token: string): Promise<string> {
+  return sha256(token);
 }
 
 /** Compares two strings in time that does not depend on where they differ. */

@@ -53,6 +53,7 @@ import {
   mayWrite,
   mayWriteScope,
   newToken,
+  sha256,
 } from "./auth.ts";
 import { usage } from "./docs.ts";
 import { type RateLimit, RateLimiter } from "./limits.ts";
@@ -691,18 +692,6 @@ const PathMessageId = z.string().regex(/^[1-9]\d{0,14}$/, {
 const LastEventId = z.string().regex(/^\d{1,15}$/, {
   error: "must be a message id",
 }).transform(Number);
-
-/** Hex SHA-256 of a text. */
-async function sha256(text: string): Promise<string> {
-  const digest = await crypto.subtle.digest(
-    "SHA-256",
-    new TextEncoder().encode(text),
-  );
-  return Array.from(
-    new Uint8Array(digest),
-    (b) => b.toString(16).padStart(2, "0"),
-  ).join("");
-}
 
 /**
  * The agent a wait shows as `waiting` (`agent=`): it writes presence, so a view token

@@ -721,7 +721,7 @@ function toNewMessage(input: PostMessage, caller: Caller): NewMessage {
   };
 }
 
-/** The agent of a claim or release: named in the body (tokens come later). */
+/** The agent of a claim or release: the token's agent, or named in the body. */
 function requireAgent(agent: string | undefined): string {
   if (agent !== undefined) return agent;
   throw new ApiError(

@@ -800,6 +800,17 @@ export async function claimMessage(
     },
   ], "write");
   const row = claimed.rows[0];
+  return claimOutcome(db, roomId, id, row, now);
+}
+
+/** A claim or release statement's result: its row, or else the message as it is. */
+async function claimOutcome(
+  db: Db,
+  roomId: string,
+  id: number,
+  row: Row | undefined,
+  now: number,
+): Promise<ClaimResult> {
   if (!row) return { ok: false, message: await getMessage(db, roomId, id) };
   const message = toMessage(row, now);
   db.notifier.publish(roomId, { type: "claim", message });
@@ -823,10 +834,7 @@ export async function releaseMessage(
           RETURNING ${MESSAGE_COLUMNS}`,
     args: { room: roomId, id, agent, now },
   });
-  if (!row) return { ok: false, message: await getMessage(db, roomId, id) };
-  const message = toMessage(row, now);
-  db.notifier.publish(roomId, { type: "claim", message });
-  return { ok: true, message };
+  return claimOutcome(db, roomId, id, row, now);
 }
 
 /**

@@ -53,6 +53,7 @@ post results → write state → repeat.
 | \`DELETE /rooms/:id/state\` | \`{scope?, key, if_version?}\` | 200 \`{deleted: true}\` (\`false\` if absent) |
 | \`POST /rooms/:id/batch\` | \`{state?: [write], messages?: [message]}\` | 200 \`{state, messages}\`, all or nothing, at most 100 operations |
 | \`GET /healthz\` | | 200 \`{ok: true}\` when the database answers |
+| \`POST /mcp\` | MCP (Streamable HTTP) | the same API as MCP tools; your Bearer token applies as here |
 
 - Ids (rooms, agents, scopes, kinds): 1-128 characters of \`A-Z a-z 0-9 . _ : @ -\`.
   Omit \`id\` and the server makes a UUID. Agent ids are unique within a room.

@@ -31,6 +31,7 @@ export const ERRORS = {
     "an agent token acts as its agent only: `from`, `agent` or the scope named another",
   ],
   not_found: [404, "no such route (or method)"],
+  method_not_allowed: [405, "`/mcp` takes POST only (it is stateless)"],
   room_not_found: [404, "no room has that id: create it with `POST /rooms`"],
   key_not_found: [404, "no live state entry has that scope and key"],
   agent_not_found: [404, "no agent of the room has that id"],

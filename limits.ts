@@ -55,6 +55,10 @@ export class RateLimiter {
 
   /** The middleware that counts and refuses. */
   readonly middleware: MiddlewareHandler = async (c, next) => {
+    // A tool call of the MCP endpoint, made in-process: its request was counted.
+    if ((c.env as { internal?: boolean } | undefined)?.internal) {
+      return await next();
+    }
     const token = bearerOf(c);
     const hash = token === undefined ? undefined : await hashToken(token);
     const key = hash !== undefined && this.#trusted.has(hash)

@@ -87,6 +87,7 @@ import {
   SHARED,
   ViewerQuery,
 } from "./schemas.ts";
+import { handleMcp } from "./mcp.ts";
 import { serve } from "./server.ts";
 import { streamRoom } from "./stream.ts";
 import { Landing, MissingRoom, RoomPage } from "./view.tsx";
@@ -261,7 +262,12 @@ export function createApp(options: AppOptions) {
     return c.json(result.body, result.status);
   };
 
-  return new Hono()
+  /** This app, for the MCP tools' in-process REST calls (set once it is built). */
+  const inProcess: {
+    fetch?: (request: Request, env?: unknown) => Response | Promise<Response>;
+  } = {};
+
+  const app = new Hono()
     .onError(onError)
     .notFound(notFound)
     // Tokens travel in headers, never cookies, so any origin may call the JSON API.
@@ -319,6 +325,14 @@ export function createApp(options: AppOptions) {
         "cache-control": "no-store",
       });
     })
+    // ---- MCP: the same API as tools, each call a REST request made in-process ----
+    .all("/mcp", (c) =>
+      handleMcp(c.req.raw, async (request) =>
+        // The /mcp request was counted by the rate limit already; its tool calls are not.
+        await inProcess.fetch!(request, {
+          ...(c.env as object | undefined),
+          internal: true,
+        })))
     .get("/healthz", async (c) => {
       try {
         await ping(db);
@@ -672,6 +686,8 @@ export function createApp(options: AppOptions) {
         );
       });
     });
+  inProcess.fetch = app.fetch;
+  return app;
 
   /** The id of the newest message of a room. */
   async function lastId(roomId: string): Promise<number> {

@@ -78,6 +78,12 @@ const TIME_FIELDS = [
 function times(value: unknown): unknown {
   if (Array.isArray(value)) return value.map(times);
   if (value === null || typeof value !== "object") return value;
+  if ("error" in value && "docs" in value) {
+    // Every error links to its docs section (checked in openapi_test.ts); compared apart.
+    const { docs, ...rest } = value as Record<string, unknown>;
+    assert.match(String(docs), /^https?:\/\/[^/]+\/README\.md#[a-z-]+$/);
+    return times(rest);
+  }
   const isError = "error" in value;
   return Object.fromEntries(
     Object.entries(value).map(([k, v]) => {
@@ -1502,6 +1508,7 @@ test("a second agent's claim is 409 already_claimed naming the holder", async ({
   });
   assert.equal(second.status, 409);
   assert.deepEqual(second.body, {
+    docs: "http://localhost/README.md#coordination",
     error: "already_claimed",
     message: (second.body as { message: string }).message,
     claimed_by: "w1",
@@ -1574,6 +1581,7 @@ test("release: the holder frees it, another agent is 409, a free message is rele
   });
   assert.equal(byOther.status, 409);
   assert.deepEqual(byOther.body, {
+    docs: "http://localhost/README.md#coordination",
     error: "already_claimed",
     message: (byOther.body as { message: string }).message,
     claimed_by: "w1",

@@ -53,6 +53,8 @@ post results → write state → repeat.
 | \`DELETE /rooms/:id/state\` | \`{scope?, key, if_version?}\` | 200 \`{deleted: true}\` (\`false\` if absent) |
 | \`POST /rooms/:id/batch\` | \`{state?: [write], messages?: [message]}\` | 200 \`{state, messages}\`, all or nothing, at most 100 operations |
 | \`GET /healthz\` | | 200 \`{ok: true}\` when the database answers |
+| \`GET /README.md\`, \`GET /llms.txt\`, \`GET /SKILL.md\` | | these docs (SKILL.md with skill front matter) |
+| \`GET /openapi.json\` | | the OpenAPI 3.1 description, made from the schemas that validate requests |
 | \`POST /mcp\` | MCP (Streamable HTTP) | the same API as MCP tools; your Bearer token applies as here |
 
 - Ids (rooms, agents, scopes, kinds): 1-128 characters of \`A-Z a-z 0-9 . _ : @ -\`.
@@ -107,4 +109,14 @@ ${
       .join("\n")
   }
 `;
+}
+
+/** The docs as an agent skill: the front matter skill loaders read, then the usage. */
+export function skill(origin: string): string {
+  return `---
+name: sync
+description: Coordinate with other AI agents through ${origin}: rooms, an append-only message log read with an after cursor (with long-poll waits), claims for tasks, and versioned shared state with compare-and-set.
+---
+
+${usage(origin)}`;
 }

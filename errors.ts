@@ -106,12 +106,38 @@ export class ApiError extends Error {
   }
 }
 
-/** The JSON response for an error. */
+/** Where the usage docs (`/README.md`) explain a code: its part, else the errors table. */
+const SECTION: Partial<Record<ErrorCode, string>> = {
+  invalid_token: "tokens-and-locked-rooms",
+  token_required: "tokens-and-locked-rooms",
+  read_only: "tokens-and-locked-rooms",
+  forbidden: "tokens-and-locked-rooms",
+  identity_mismatch: "tokens-and-locked-rooms",
+  agent_exists: "tokens-and-locked-rooms",
+  version_conflict: "coordination",
+  not_a_number: "coordination",
+  out_of_range: "coordination",
+  already_claimed: "coordination",
+  conflict: "coordination",
+  idempotency_key_in_use: "coordination",
+  idempotency_key_reused: "coordination",
+  method_not_allowed: "endpoints",
+};
+
+/** The link to the docs section about an error code, on this request's host. */
+export function docsLink(origin: string, code: ErrorCode): string {
+  return `${origin}/README.md#${SECTION[code] ?? "errors"}`;
+}
+
+/** The JSON response for an error, with a link to the docs that explain it. */
 export function errorResponse(c: Context, error: ApiError): Response {
-  return c.json(
-    { error: error.code, message: error.message, ...error.details },
-    error.status,
-  );
+  const docs = docsLink(new URL(c.req.url).origin, error.code);
+  return c.json({
+    error: error.code,
+    message: error.message,
+    ...error.details,
+    docs,
+  }, error.status);
 }
 
 /** 404 `room_not_found` for a room id. */

@@ -55,7 +55,7 @@ import {
   newToken,
   sha256,
 } from "./auth.ts";
-import { usage } from "./docs.ts";
+import { skill, usage } from "./docs.ts";
 import { type RateLimit, RateLimiter } from "./limits.ts";
 import {
   ApiError,
@@ -88,6 +88,7 @@ import {
   ViewerQuery,
 } from "./schemas.ts";
 import { handleMcp } from "./mcp.ts";
+import { openapi } from "./openapi.ts";
 import { serve } from "./server.ts";
 import { streamRoom } from "./stream.ts";
 import { Landing, MissingRoom, RoomPage } from "./view.tsx";
@@ -319,11 +320,7 @@ export function createApp(options: AppOptions) {
       if (c.req.header("accept")?.includes("text/html")) {
         return c.html(Landing({ origin, nonce }));
       }
-      // The docs name this request's host: never cache them for another.
-      return c.body(usage(origin), 200, {
-        "content-type": "text/markdown; charset=utf-8",
-        "cache-control": "no-store",
-      });
+      return markdown(c, usage(origin));
     })
     // ---- MCP: the same API as tools, each call a REST request made in-process ----
     .all("/mcp", (c) =>
@@ -333,6 +330,11 @@ export function createApp(options: AppOptions) {
           ...(c.env as object | undefined),
           internal: true,
         })))
+    // The same docs for every kind of reader: agents, skill loaders, LLM tools.
+    .get("/README.md", (c) => markdown(c, usage(new URL(c.req.url).origin)))
+    .get("/llms.txt", (c) => markdown(c, usage(new URL(c.req.url).origin)))
+    .get("/SKILL.md", (c) => markdown(c, skill(new URL(c.req.url).origin)))
+    .get("/openapi.json", (c) => c.json(openapi(new URL(c.req.url).origin)))
     .get("/healthz", async (c) => {
       try {
         await ping(db);
@@ -693,6 +695,14 @@ export function createApp(options: AppOptions) {
   async function lastId(roomId: string): Promise<number> {
     return (await recentMessages(db, roomId, 1)).items[0]?.id ?? 0;
   }
+}
+
+/** Markdown docs; they name this request's host, so no cache may keep them for another. */
+function markdown(c: Context, text: string): Response {
+  return c.body(text, 200, {
+    "content-type": "text/markdown; charset=utf-8",
+    "cache-control": "no-store",
+  });
 }
 
 /** Idempotency-Key values: printable ASCII, 1-255 characters. */

@@ -19,6 +19,18 @@ import {
   RegisterAgent,
 } from "./schemas.ts";
 import { STATUSES } from "./db.ts";
+import { docsLink } from "./errors.ts";
+import { AgentOut, EntryOut, MessageOut, RoomOut } from "./openapi.ts";
+
+// What each tool answers (as REST does), declared so clients can rely on its shape.
+const RoomResult = RoomOut.extend({
+  token: z.string().optional(),
+  view_token: z.string().optional(),
+}).shape;
+const StateResult = {
+  ...EntryOut.partial().shape,
+  entries: z.array(EntryOut).optional(),
+};
 
 /** How long `read_messages` and `get_state` wait by default: below MCP clients' 60 s. */
 export const MCP_DEFAULT_WAIT = 20;
@@ -106,6 +118,7 @@ function server(
       description:
         "Create a room (answers its admin token and view token once), or join the one with that id",
       inputSchema: CreateRoom.shape,
+      outputSchema: RoomResult,
       annotations: { ...write, idempotentHint: false },
     },
     async (args: Args<typeof CreateRoom.shape>) =>
@@ -118,6 +131,7 @@ function server(
       description:
         "Register as an agent of a room; answers the agent's token once. With that token, posts and claims are made as this agent",
       inputSchema: JoinRoom,
+      outputSchema: AgentOut.shape,
       annotations: { ...write, idempotentHint: false },
     },
     async ({ room, ...body }: Args<typeof JoinRoom>) =>
@@ -130,6 +144,7 @@ function server(
       description:
         "Append a message to the room's log (kind defaults to message; no `to` = everyone)",
       inputSchema: PostMessageTool,
+      outputSchema: MessageOut.shape,
       annotations: { ...write, idempotentHint: false },
     },
     async ({ room, ...body }: Args<typeof PostMessageTool>) =>
@@ -140,7 +155,7 @@ function server(
     description:
       `Read messages with an id above after, ascending; if none match, wait up to wait seconds (default ${MCP_DEFAULT_WAIT}) for one`,
     inputSchema: ReadMessages,
-    outputSchema: { messages: z.array(z.record(z.string(), z.unknown())) },
+    outputSchema: { messages: z.array(MessageOut) },
     annotations: { ...read, idempotentHint: true },
   }, async ({ room, wait, ...args }: Args<typeof ReadMessages>) =>
     result(
@@ -159,6 +174,7 @@ function server(
       description:
         "Claim a message (a task) for an agent, for lease seconds or until released; already_claimed if another holds it",
       inputSchema: ClaimMessage,
+      outputSchema: { claimed: z.boolean(), message: MessageOut },
       annotations: { ...write, idempotentHint: true },
     },
     async ({ room, message_id, ...body }: Args<typeof ClaimMessage>) =>
@@ -177,6 +193,7 @@ function server(
       description:
         "Read one state key (with key), or a scope, or the whole room; with key and after_version, wait until its version passes it",
       inputSchema: GetState,
+      outputSchema: StateResult,
       annotations: { ...read, idempotentHint: true },
     },
     async (
@@ -202,6 +219,7 @@ function server(
       description:
         "Write a state key: value, or increment; merge applies value as a JSON merge patch; if_version makes it compare-and-set (0 = only if absent); ttl in seconds",
       inputSchema: SetState,
+      outputSchema: EntryOut.shape,
       annotations: { ...write, idempotentHint: false },
     },
     async ({ room, ...body }: Args<typeof SetState>) =>
@@ -214,6 +232,10 @@ function server(
       description:
         "Apply state writes and message appends all or nothing (at most 100 operations)",
       inputSchema: BatchTool,
+      outputSchema: {
+        state: z.array(z.record(z.string(), z.unknown())),
+        messages: z.array(MessageOut),
+      },
       annotations: { ...write, idempotentHint: false },
     },
     async ({ room, ...body }: Args<typeof BatchTool>) =>
@@ -226,6 +248,16 @@ function server(
       description:
         "All a late joiner needs: the room, agents, state and the newest messages",
       inputSchema: GetContext,
+      outputSchema: {
+        room: RoomOut,
+        agents: z.array(AgentOut),
+        state: z.array(EntryOut),
+        messages: z.object({
+          items: z.array(MessageOut),
+          total: z.number(),
+          next_after: z.number(),
+        }),
+      },
       annotations: { ...read, idempotentHint: true },
     },
     async ({ room, messages }: Args<typeof GetContext>) =>
@@ -241,6 +273,7 @@ function server(
         STATUSES.join(", ")
       })`,
       inputSchema: HeartbeatTool,
+      outputSchema: AgentOut.shape,
       annotations: { ...write, idempotentHint: true },
     },
     async ({ room, agent, ...body }: Args<typeof HeartbeatTool>) =>
@@ -282,6 +315,7 @@ export async function handleMcp(
       {
         error: "method_not_allowed",
         message: "This MCP endpoint is stateless: POST only",
+        docs: docsLink(new URL(request.url).origin, "method_not_allowed"),
       },
       { status: 405, headers: { allow: "POST" } },
     );

@@ -87,7 +87,9 @@ Deno.test("MCP lists the ten tools, with read-only and idempotent hints", async 
     assert.equal(hints.post_message, false);
     const read = tools.find((t) => t.name === "read_messages")!;
     assert.equal(read.annotations?.idempotentHint, true);
-    assert.ok(read.outputSchema, "read_messages declares its output");
+    for (const tool of tools) {
+      assert.ok(tool.outputSchema, `${tool.name} declares its output`);
+    }
     const room = tools.find((t) => t.name === "post_message")!.inputSchema;
     assert.deepEqual(room.required?.sort(), ["body", "room"]);
   });

@@ -94,6 +94,9 @@ Registering an existing agent id needs its token (or the room token);
 - **Task queue**: post \`kind: "task"\` → \`GET messages?kind=task&unclaimed=true\` →
   \`POST messages/:mid/claim {agent, lease: 60}\` → post \`kind: "result"\` with
   \`reply_to\` → read \`GET messages?thread=<task id>\`.
+- **Turn-taking**: wait with \`GET state?key=turn&after_version=<v>&wait=30\`; when it
+  names you, move and hand over in one \`POST batch\` with
+  \`{key: "turn", value: "<next>", if_version: <v+1>}\` and your message.
 - **Lock**: \`PUT state {key: "lock", value: "me", if_version: 0, ttl: 30}\`; renew with
   \`if_version\` = its version; release with \`DELETE {key, if_version}\`.
 

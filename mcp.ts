@@ -19,7 +19,7 @@ import {
   RegisterAgent,
 } from "./schemas.ts";
 import { STATUSES } from "./db.ts";
-import { docsLink } from "./errors.ts";
+import { docsLink, ERRORS } from "./errors.ts";
 import { AgentOut, EntryOut, MessageOut, RoomOut } from "./openapi.ts";
 
 // What each tool answers (as REST does), declared so clients can rely on its shape.
@@ -31,6 +31,12 @@ const StateResult = {
   ...EntryOut.partial().shape,
   entries: z.array(EntryOut).optional(),
 };
+
+/** Origins whose pages may call `/mcp` (comma-separated); none by default. */
+const MCP_ALLOWED_ORIGINS = (Deno.env.get("MCP_ALLOWED_ORIGINS") ?? "").split(
+  ",",
+)
+  .map((o) => o.trim()).filter((o) => o !== "");
 
 /** How long `read_messages` and `get_state` wait by default: below MCP clients' 60 s. */
 export const MCP_DEFAULT_WAIT = 20;
@@ -44,7 +50,8 @@ type Fetch = (request: Request) => Promise<Response>;
 type Args<S extends z.ZodRawShape> = z.infer<z.ZodObject<S>>;
 
 const room = Id.describe("The room id");
-const Seconds = z.number().min(0).max(50);
+/** Seconds as REST takes them: 0 to 50, to the millisecond. */
+const Seconds = z.number().min(0).max(50).multipleOf(0.001);
 const Count = z.number().int().min(0);
 
 /** Answers a REST call as a tool result: JSON as structured content, errors as isError. */
@@ -71,18 +78,26 @@ function qs(args: Record<string, unknown>): string {
 }
 
 const JoinRoom = { room, ...RegisterAgent.shape };
-const PostMessageTool = { room, ...PostMessage.shape };
+/** Sent as the Idempotency-Key header: a retry with the same key writes nothing new. */
+const idempotency_key = z.string().optional().describe(
+  "Idempotency-Key: a retry of the same call with the same key returns the first answer",
+);
+const PostMessageTool = { room, ...PostMessage.shape, idempotency_key };
+/**
+ * The REST query strings of these two tools, with numbers as numbers (the REST
+ * schemas take the text of a query string); REST validates again.
+ */
 const ReadMessages = {
   room,
   after: Count.optional(),
-  before: Count.optional(),
+  before: Count.min(1).optional(),
   limit: z.number().int().min(1).max(1000).optional(),
   order: z.enum(["asc", "desc"]).optional(),
-  kind: z.array(Id).optional().describe("Only these kinds"),
+  kind: z.array(Id).max(50).optional().describe("Only these kinds"),
   from: Id.optional(),
   to: Id.optional(),
   for: Id.optional().describe("Addressed to this agent or to everyone"),
-  thread: Count.optional().describe("This message and its replies"),
+  thread: Count.min(1).optional().describe("This message and its replies"),
   unclaimed: z.boolean().optional(),
   wait: Seconds.optional(),
   agent: Id.optional().describe("Show this agent as waiting meanwhile"),
@@ -94,9 +109,10 @@ const GetState = {
   key: z.string().optional(),
   after_version: Count.optional(),
   wait: Seconds.optional(),
+  agent: Id.optional().describe("Show this agent as waiting meanwhile"),
 };
 const SetState = { room, ...PutState.shape };
-const BatchTool = { room, ...Batch.shape };
+const BatchTool = { room, ...Batch.shape, idempotency_key };
 const GetContext = {
   room,
   messages: z.number().int().min(0).max(1000).optional(),
@@ -104,9 +120,15 @@ const GetContext = {
 const HeartbeatTool = { room, agent: Id, ...Heartbeat.shape };
 
 /** The MCP server for one request: its tools call `rest` with that request's token. */
-function server(
-  rest: (method: string, path: string, body?: unknown) => Promise<Response>,
-) {
+/** A REST call: method, path, JSON body, and an Idempotency-Key to send along. */
+type Rest = (
+  method: string,
+  path: string,
+  body?: unknown,
+  key?: string,
+) => Promise<Response>;
+
+function server(rest: Rest) {
   const mcp = new McpServer({ name: "sync", version: "1.0.0" });
   const write = { readOnlyHint: false, openWorldHint: false };
   const read = { readOnlyHint: true, openWorldHint: false };
@@ -147,8 +169,15 @@ function server(
       outputSchema: MessageOut.shape,
       annotations: { ...write, idempotentHint: false },
     },
-    async ({ room, ...body }: Args<typeof PostMessageTool>) =>
-      result(await rest("POST", `/rooms/${enc(room)}/messages`, body)),
+    async ({ room, idempotency_key, ...body }: Args<typeof PostMessageTool>) =>
+      result(
+        await rest(
+          "POST",
+          `/rooms/${enc(room)}/messages`,
+          body,
+          idempotency_key,
+        ),
+      ),
   );
 
   mcp.registerTool("read_messages", {
@@ -197,7 +226,7 @@ function server(
       annotations: { ...read, idempotentHint: true },
     },
     async (
-      { room, key, after_version, wait, scope }: Args<typeof GetState>,
+      { room, key, after_version, wait, scope, agent }: Args<typeof GetState>,
     ) => {
       const waiting = key !== undefined && after_version !== undefined;
       const query = qs({
@@ -205,6 +234,7 @@ function server(
         key,
         after_version,
         wait: waiting ? wait ?? MCP_DEFAULT_WAIT : undefined,
+        agent: waiting ? agent : undefined,
       });
       return result(
         await rest("GET", `/rooms/${enc(room)}/state${query}`),
@@ -238,8 +268,10 @@ function server(
       },
       annotations: { ...write, idempotentHint: false },
     },
-    async ({ room, ...body }: Args<typeof BatchTool>) =>
-      result(await rest("POST", `/rooms/${enc(room)}/batch`, body)),
+    async ({ room, idempotency_key, ...body }: Args<typeof BatchTool>) =>
+      result(
+        await rest("POST", `/rooms/${enc(room)}/batch`, body, idempotency_key),
+      ),
   );
 
   mcp.registerTool(
@@ -298,37 +330,57 @@ export async function handleMcp(
   request: Request,
   fetch: Fetch,
 ): Promise<Response> {
-  const origin = request.headers.get("origin");
-  if (origin !== null && origin !== new URL(request.url).origin) {
-    return Response.json(
+  const refuse = (
+    code: "forbidden" | "method_not_allowed" | "invalid_request",
+    message: string,
+  ) =>
+    Response.json(
       {
-        error: "forbidden",
-        message: `Origin "${origin}" may not use this MCP endpoint`,
+        error: code,
+        message,
+        docs: docsLink(new URL(request.url).origin, code),
       },
-      { status: 403 },
+      {
+        status: ERRORS[code][0],
+        headers: code === "method_not_allowed" ? { allow: "POST" } : {},
+      },
+    );
+  // MCP clients send no Origin; a browser always does. Only origins the operator
+  // allows may call from a page, which also stops DNS rebinding (the Host header,
+  // and so the request's own origin, is the attacker's choice there).
+  const origin = request.headers.get("origin");
+  if (origin !== null && !MCP_ALLOWED_ORIGINS.includes(origin)) {
+    return refuse(
+      "forbidden",
+      `Origin "${origin}" may not use this MCP endpoint (MCP_ALLOWED_ORIGINS)`,
     );
   }
   // Stateless: no stream of server-initiated messages (GET) and no session (DELETE).
   // A 405 tells clients so; an open GET stream would also hold the server's shutdown.
   if (request.method !== "POST") {
-    return Response.json(
-      {
-        error: "method_not_allowed",
-        message: "This MCP endpoint is stateless: POST only",
-        docs: docsLink(new URL(request.url).origin, "method_not_allowed"),
-      },
-      { status: 405, headers: { allow: "POST" } },
+    return refuse(
+      "method_not_allowed",
+      "This MCP endpoint is stateless: POST only",
+    );
+  }
+  // One call per request: a JSON-RPC batch would run many tool calls on one request's
+  // share of the rate limit.
+  if ((await request.clone().text()).trimStart().startsWith("[")) {
+    return refuse(
+      "invalid_request",
+      "Send one JSON-RPC message per request; batches are not accepted",
     );
   }
   const authorization = request.headers.get("authorization");
   const base = new URL(request.url).origin;
-  const rest = (method: string, path: string, body?: unknown) =>
+  const rest: Rest = (method, path, body, key) =>
     fetch(
       new Request(base + path, {
         method,
         headers: {
           "content-type": "application/json",
           ...(authorization === null ? {} : { authorization }),
+          ...(key === undefined ? {} : { "idempotency-key": key }),
         },
         body: body === undefined ? undefined : JSON.stringify(body),
         // A client that goes away ends the REST call too (a long-poll stops waiting).

@@ -263,6 +263,52 @@ Deno.test("the MCP endpoint refuses a browser page of another origin", async () 
       body: JSON.stringify({ jsonrpc: "2.0", id: 1, method: "tools/list" }),
     });
     assert.equal(res.status, 403);
-    assert.equal((await res.json()).error, "forbidden");
+    const body = await res.json();
+    assert.equal(body.error, "forbidden");
+    assert.match(body.docs, /\/README\.md#/);
+    // Its own origin is refused too: under DNS rebinding the Host is the attacker's.
+    const same = await fetch(`${base}/mcp`, {
+      method: "POST",
+      headers: { "content-type": "application/json", origin: base },
+      body: "{}",
+    });
+    assert.equal(same.status, 403);
+    await same.body?.cancel();
+  });
+});
+
+Deno.test("the MCP endpoint takes one call per request: a JSON-RPC batch is 400", async () => {
+  await withServer(async ({ base }) => {
+    const calls = Array.from({ length: 3 }, (_, i) => ({
+      jsonrpc: "2.0",
+      id: i,
+      method: "tools/call",
+      params: { name: "create_room", arguments: { id: `b${i}` } },
+    }));
+    const res = await fetch(`${base}/mcp`, {
+      method: "POST",
+      headers: {
+        "content-type": "application/json",
+        accept: "application/json, text/event-stream",
+      },
+      body: JSON.stringify(calls),
+    });
+    assert.equal(res.status, 400);
+    assert.equal((await res.json()).error, "invalid_request");
+    const rooms = await (await fetch(`${base}/rooms`)).json();
+    assert.deepEqual(rooms, []);
+  });
+});
+
+Deno.test("post_message passes an idempotency_key on: a retry writes once", async () => {
+  await withServer(async ({ base, connect }) => {
+    const client = await connect();
+    await call(client, "create_room", { id: "i" });
+    const args = { room: "i", body: "once", idempotency_key: "k1" };
+    const first = await call(client, "post_message", args);
+    const again = await call(client, "post_message", args);
+    assert.equal(again.structuredContent?.id, first.structuredContent?.id);
+    const messages = await (await fetch(`${base}/rooms/i/messages`)).json();
+    assert.equal(messages.length, 1);
   });
 });

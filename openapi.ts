@@ -89,6 +89,8 @@ type Route = {
   query?: z.ZodObject;
   body?: z.ZodType;
   ok: [number, z.ZodType | "text/markdown" | "text/html" | "text/event-stream"];
+  /** Another success answer (joining an existing room, registering again). */
+  also?: [number, z.ZodType, string];
   errors?: ErrorCode[];
 };
 
@@ -162,6 +164,7 @@ export const ROUTES: Route[] = [
       "Create a room (201, with its tokens) or join the one with that id (200)",
     body: CreateRoom,
     ok: [201, NewRoomOut],
+    also: [200, RoomOut, "The room with that id exists: joined (no tokens)"],
     errors: ["invalid_request", "invalid_json", "token_required"],
   },
   {
@@ -219,6 +222,7 @@ export const ROUTES: Route[] = [
       "Register an agent (201, with its token), or again with its token (200)",
     body: RegisterAgent,
     ok: [201, AgentOut],
+    also: [200, AgentOut, "Registered again with its token or the room token"],
     errors: [...write, "agent_exists", "forbidden"],
   },
   {
@@ -365,7 +369,9 @@ export function openapi(origin: string) {
         name,
         in: "path",
         required: true,
-        schema: { type: "string" },
+        schema: name === "mid"
+          ? { type: "integer", minimum: 1 }
+          : { type: "string" },
       })),
       ...Object.entries(route.query?.shape ?? {}).map(([name, type]) => ({
         name,
@@ -384,7 +390,20 @@ export function openapi(origin: string) {
       },
       "429": { $ref: "#/components/responses/rate_limited" },
     };
-    for (const code of route.errors ?? []) {
+    if (route.also) {
+      const [extra, shape, description] = route.also;
+      responses[extra] = {
+        description,
+        content: { "application/json": { schema: schema(shape, "output") } },
+      };
+    }
+    // Every body is limited in size; every route may meet a draining process.
+    const codes: ErrorCode[] = [
+      ...(route.errors ?? []),
+      ...(route.body ? ["payload_too_large" as const] : []),
+      "shutting_down",
+    ];
+    for (const code of codes) {
       const [errorStatus] = ERRORS[code];
       responses[errorStatus] ??= { $ref: "#/components/responses/error" };
     }

@@ -20,7 +20,13 @@ import {
 } from "./schemas.ts";
 import { STATUSES } from "./db.ts";
 import { docsLink, ERRORS } from "./errors.ts";
-import { AgentOut, EntryOut, MessageOut, RoomOut } from "./openapi.ts";
+import {
+  AgentOut,
+  ContextOut,
+  EntryOut,
+  MessageOut,
+  RoomOut,
+} from "./openapi.ts";
 
 // What each tool answers (as REST does), declared so clients can rely on its shape.
 const RoomResult = RoomOut.extend({
@@ -280,16 +286,7 @@ function server(rest: Rest) {
       description:
         "All a late joiner needs: the room, agents, state and the newest messages",
       inputSchema: GetContext,
-      outputSchema: {
-        room: RoomOut,
-        agents: z.array(AgentOut),
-        state: z.array(EntryOut),
-        messages: z.object({
-          items: z.array(MessageOut),
-          total: z.number(),
-          next_after: z.number(),
-        }),
-      },
+      outputSchema: ContextOut.shape,
       annotations: { ...read, idempotentHint: true },
     },
     async ({ room, messages }: Args<typeof GetContext>) =>

@@ -68,6 +68,16 @@ export const EntryOut = z.object({
   updated_at: Time,
   expires_at: Time.nullable(),
 });
+export const ContextOut = z.object({
+  room: RoomOut,
+  agents: z.array(AgentOut),
+  state: z.array(EntryOut),
+  messages: z.object({
+    items: z.array(MessageOut),
+    total: z.number(),
+    next_after: z.number(),
+  }),
+});
 const Deleted = z.object({
   room_id: z.string(),
   scope: z.string(),
@@ -194,16 +204,7 @@ export const ROUTES: Route[] = [
     query: GetContext,
     ok: [
       200,
-      z.object({
-        room: RoomOut,
-        agents: z.array(AgentOut),
-        state: z.array(EntryOut),
-        messages: z.object({
-          items: z.array(MessageOut),
-          total: z.number(),
-          next_after: z.number(),
-        }),
-      }),
+      ContextOut,
     ],
     errors: [...room],
   },

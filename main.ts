@@ -25,6 +25,7 @@ import {
   insertMessage,
   isKeyTaken,
   listAgents,
+  listMessages,
   listRooms,
   listState,
   type Message,
@@ -693,7 +694,12 @@ export function createApp(options: AppOptions) {
 
   /** The id of the newest message of a room. */
   async function lastId(roomId: string): Promise<number> {
-    return (await recentMessages(db, roomId, 1)).items[0]?.id ?? 0;
+    // One row, newest first: recentMessages would count the whole room again.
+    const [newest] = await listMessages(db, roomId, {
+      limit: 1,
+      order: "desc",
+    });
+    return newest?.id ?? 0;
   }
 }
 

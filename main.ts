@@ -541,7 +541,10 @@ export function createApp(options: AppOptions) {
             () => readable(c),
           ),
       );
-      return c.json(messages);
+      // Built by SQLite as JSON text (db.ts, listMessagesJson).
+      return c.body(messages.json, 200, {
+        "content-type": "application/json",
+      });
     })
     .post(
       "/rooms/:id/messages/:mid/claim",

@@ -7,9 +7,9 @@ import {
   endWaiting,
   getAgent,
   getState,
-  listMessages,
-  type Message,
+  listMessagesJson,
   type MessageFilter,
+  type MessagePage,
   nextLeaseExpiry,
   roomRev,
   type StateEntry,
@@ -92,7 +92,10 @@ function mayMatch(filter: MessageFilter, event: RoomEvent): boolean {
   return true;
 }
 
-/** Messages matching the filter; with `seconds`, held until there are some. */
+/**
+ * Messages matching the filter, as JSON text; with `seconds`, held until there are
+ * some.
+ */
 export async function waitForMessages(
   db: Db,
   roomId: string,
@@ -100,8 +103,8 @@ export async function waitForMessages(
   seconds: number,
   signal?: AbortSignal,
   verify?: () => Promise<void>,
-): Promise<Message[]> {
-  if (seconds <= 0) return listMessages(db, roomId, filter);
+): Promise<MessagePage> {
+  if (seconds <= 0) return listMessagesJson(db, roomId, filter);
   const found = await waitFor({
     notifier: db.notifier,
     room: roomId,
@@ -109,8 +112,8 @@ export async function waitForMessages(
     ms: seconds * 1000,
     signal,
     check: async (recheckAt) => {
-      const page = await listMessages(db, roomId, filter);
-      if (page.length > 0) return page;
+      const page = await listMessagesJson(db, roomId, filter);
+      if (page.count > 0) return page;
       if (filter.unclaimed === true) {
         // A lease running out frees a message without any write.
         const expiry = await nextLeaseExpiry(db, roomId, filter.after ?? 0);
@@ -121,7 +124,7 @@ export async function waitForMessages(
     wakes: (event) => mayMatch(filter, event),
     verify,
   });
-  return found ?? [];
+  return found ?? { count: 0, json: "[]" };
 }
 
 /**

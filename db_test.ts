@@ -1,0 +1,179 @@
+/**
+ * The database layer below the HTTP API: the embedded driver's group commit (sqlite.ts)
+ * and the JSON pages SQLite builds (db.ts, listMessagesJson), on the embedded and the
+ * remote path alike.
+ */
+import assert from "node:assert/strict";
+import fc from "fast-check";
+import { LibsqlBatchError, LibsqlError } from "@libsql/client";
+
+import {
+  claimMessage,
+  createRoom,
+  insertMessage,
+  listMessages,
+  listMessagesJson,
+  type MessageFilter,
+} from "./db.ts";
+import { sqlitePath } from "./sqlite.ts";
+import { freshDb, TEST_DATABASE } from "./testing.ts";
+
+Deno.test("file: URLs name the file node:sqlite opens", () => {
+  assert.equal(sqlitePath("file:sync.db"), "sync.db");
+  assert.equal(sqlitePath("file:/tmp/a b.db"), "/tmp/a b.db");
+  assert.equal(sqlitePath("file:///tmp/a%20b.db"), "/tmp/a b.db");
+  assert.equal(sqlitePath(":memory:"), ":memory:");
+});
+
+Deno.test("writes issued together commit together, and one failing write fails alone", async () => {
+  const { db, close } = await freshDb();
+  try {
+    const client = await db.client();
+    await client.execute(
+      "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL) STRICT",
+    );
+    const insert = (id: number, v: string | null) =>
+      client.execute({
+        sql: "INSERT INTO t (id, v) VALUES (?, ?)",
+        args: [id, v],
+      });
+    const results = await Promise.allSettled([
+      insert(1, "a"),
+      insert(1, "duplicate"),
+      insert(2, null),
+      insert(3, "c"),
+      client.batch([
+        { sql: "INSERT INTO t (id, v) VALUES (?, ?)", args: [4, "d"] },
+        { sql: "INSERT INTO t (id, v) VALUES (?, ?)", args: [3, "clash"] },
+      ], "write"),
+      client.batch([
+        { sql: "INSERT INTO t (id, v) VALUES (?, ?)", args: [5, "e"] },
+        { sql: "UPDATE t SET v = ? WHERE id = ?", args: ["E", 5] },
+      ], "write"),
+    ]);
+    assert.deepEqual(results.map((r) => r.status), [
+      "fulfilled",
+      "rejected",
+      "rejected",
+      "fulfilled",
+      "rejected",
+      "fulfilled",
+    ]);
+    const failed = results.flatMap((r) =>
+      r.status === "rejected" ? [r.reason] : []
+    );
+    for (const error of failed) assert.ok(error instanceof LibsqlError);
+    assert.match(failed[0].code, /^SQLITE_CONSTRAINT/);
+    assert.match(failed[1].code, /^SQLITE_CONSTRAINT/);
+    // The batch names the statement that failed, and none of it stays.
+    assert.ok(failed[2] instanceof LibsqlBatchError);
+    assert.equal(failed[2].statementIndex, 1);
+    const rows = (await client.execute("SELECT id, v FROM t ORDER BY id")).rows;
+    assert.deepEqual(rows.map((r) => [Number(r.id), r.v]), [
+      [1, "a"],
+      [3, "c"],
+      [5, "E"],
+    ]);
+  } finally {
+    await close();
+  }
+});
+
+Deno.test("whole numbers bind as integers and booleans as 0 and 1", async () => {
+  const { db, close } = await freshDb();
+  try {
+    const client = await db.client();
+    const rs = await client.execute({
+      sql: "SELECT typeof(?1) AS a, typeof(?2) AS b, ?3 AS c, typeof(?4) AS d",
+      args: [5, 5.5, true, 7],
+    });
+    const [row] = rs.rows;
+    assert.deepEqual([row.a, row.b, Number(row.c), row.d], [
+      "integer",
+      "real",
+      1,
+      "integer",
+    ]);
+  } finally {
+    await close();
+  }
+});
+
+const ROOM = {
+  id: "r",
+  meta: {},
+  locked: false,
+  token_hash: "t",
+  view_token_hash: "v",
+};
+
+/** Any JSON value a client may send as a body (as it comes back from JSON.parse). */
+const body = fc.jsonValue().map((value) => JSON.parse(JSON.stringify(value)));
+
+Deno.test("a page built by SQLite is byte for byte the JSON of listMessages", async () => {
+  const { db, close } = await freshDb();
+  try {
+    await createRoom(db, ROOM);
+    const bodies = fc.sample(body, { numRuns: 150, seed: 7 });
+    for (const [i, b] of bodies.entries()) {
+      await insertMessage(db, "r", {
+        from_agent: i % 3 === 0 ? null : `a${i % 4}`,
+        to_agent: i % 5 === 0 ? "b" : null,
+        kind: i % 2 === 0 ? "task" : "note",
+        body: b,
+        reply_to: i > 2 && i % 7 === 0 ? i - 2 : null,
+      });
+    }
+    // Held, expired and released claims: an expired lease reads as unclaimed.
+    await claimMessage(db, "r", 3, "a1");
+    await claimMessage(db, "r", 4, "a2", 3600);
+    await claimMessage(db, "r", 5, "a3", 0.001);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    const filters: MessageFilter[] = [
+      { limit: 100, order: "asc", after: 0 },
+      { limit: 1000, order: "asc", after: 40 },
+      { limit: 7, order: "desc" },
+      { limit: 50, order: "asc", kinds: ["task"], from: "a2" },
+      { limit: 50, order: "asc", for: "b", unclaimed: true },
+      { limit: 50, order: "asc", unclaimed: false },
+      { limit: 50, order: "asc", thread: 5 },
+      { limit: 50, order: "asc", after: 10_000 },
+    ];
+    for (const filter of filters) {
+      const objects = await listMessages(db, "r", filter);
+      const page = await listMessagesJson(db, "r", filter);
+      assert.equal(page.json, JSON.stringify(objects), JSON.stringify(filter));
+      assert.equal(page.count, objects.length);
+    }
+  } finally {
+    await close();
+  }
+});
+
+Deno.test({
+  name:
+    "concurrent appends get distinct, increasing ids in the order they commit",
+  ignore: TEST_DATABASE !== "embedded",
+  async fn() {
+    const { db, close } = await freshDb();
+    try {
+      await createRoom(db, ROOM);
+      const inserted = await Promise.all(
+        Array.from({ length: 300 }, (_, i) =>
+          insertMessage(db, "r", {
+            from_agent: null,
+            to_agent: null,
+            kind: "message",
+            body: i,
+            reply_to: null,
+          })),
+      );
+      const ids = inserted.map((m) => m!.id);
+      assert.deepEqual(ids, [...ids].sort((a, b) => a - b));
+      assert.equal(new Set(ids).size, 300);
+      assert.deepEqual(inserted.map((m) => m!.body), [...Array(300).keys()]);
+    } finally {
+      await close();
+    }
+  },
+});

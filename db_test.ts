@@ -79,7 +79,12 @@ Deno.test("writes issued together commit together, and one failing write fails a
   }
 });
 
-Deno.test("whole numbers bind as integers and booleans as 0 and 1", async () => {
+// As @libsql/client binds them on a local file; node:sqlite alone binds every number as
+// a real. (Over Hrana the client sends JS numbers as floats: embedded only.)
+Deno.test({
+  name: "whole numbers bind as integers and booleans as 0 and 1",
+  ignore: TEST_DATABASE !== "embedded",
+}, async () => {
   const { db, close } = await freshDb();
   try {
     const client = await db.client();

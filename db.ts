@@ -96,7 +96,10 @@ export class Db {
 
   constructor(options: DbOptions) {
     this.options = options;
-    this.notifier = new Notifier((rooms) => roomRevs(this, rooms));
+    this.notifier = new Notifier(
+      (rooms) => roomRevs(this, rooms),
+      isLocal(options.url) ? () => this.#othersWrote() : undefined,
+    );
   }
 
   /** The client, once the schema has been applied; every query awaits this. */
@@ -109,12 +112,28 @@ export class Db {
     return this.#ready;
   }
 
+  #dataVersion?: number;
+
+  /**
+   * Whether another connection (another instance on the same file) committed since
+   * the last call. SQLite's `data_version` does not move for this connection's own
+   * writes, which notify their waiters directly.
+   */
+  async #othersWrote(): Promise<boolean> {
+    const [row] = await all(this, "PRAGMA data_version");
+    const version = Number(row.data_version);
+    const changed = version !== this.#dataVersion;
+    this.#dataVersion = version;
+    return changed;
+  }
+
   /** Closes the client; later queries open it again. */
   close(): void {
     this.notifier.stop();
     this.#client?.close();
     this.#client = undefined;
     this.#ready = undefined;
+    this.#dataVersion = undefined;
   }
 
   async #open(): Promise<Driver> {

@@ -1,8 +1,10 @@
 /**
  * Change notification for long-polls and streams. A write publishes an event to the
  * waiters of its room right after it commits (same process: no delay); a poller reads
- * each watched room's `rev` once a second, so writes made by another instance sharing
- * the database wake waiters here too.
+ * each watched room's `rev` a few times a second, so writes made by another instance
+ * sharing the database wake waiters here too. On a local file it first asks SQLite
+ * whether another connection wrote at all (`PRAGMA data_version`), so it costs next
+ * to nothing and never mistakes this process's own writes for another's.
  */
 import type { Agent, Message, StateEntry } from "./db.ts";
 
@@ -19,7 +21,9 @@ export type RoomEvent =
 type Listener = (event: RoomEvent) => void;
 
 /** How often rooms with waiters are checked for writes by other instances (ms). */
-export const POLL_INTERVAL_MS = 1000;
+export const POLL_INTERVAL_MS = 250;
+/** The same, when a cheap check of "did another process write?" comes first (ms). */
+export const LOCAL_POLL_INTERVAL_MS = 100;
 
 /** Fan-out of room events to in-process listeners, plus the cross-instance poller. */
 export class Notifier {
@@ -28,10 +32,18 @@ export class Notifier {
   #timer?: ReturnType<typeof setInterval>;
   #polling = false;
   readonly #readRevs: (rooms: string[]) => Promise<Map<string, number>>;
+  readonly #othersWrote?: () => Promise<boolean>;
 
-  /** `readRevs` answers the current `rev` of each room it is given. */
-  constructor(readRevs: (rooms: string[]) => Promise<Map<string, number>>) {
+  /**
+   * `readRevs` answers the current `rev` of each room it is given; `othersWrote`, when
+   * given, tells whether another process wrote since it was last asked.
+   */
+  constructor(
+    readRevs: (rooms: string[]) => Promise<Map<string, number>>,
+    othersWrote?: () => Promise<boolean>,
+  ) {
     this.#readRevs = readRevs;
+    this.#othersWrote = othersWrote;
   }
 
   /**
@@ -47,7 +59,10 @@ export class Notifier {
       if (!this.#revs.has(room)) this.#revs.set(room, rev);
     }
     set.add(listener);
-    this.#timer ??= setInterval(() => this.#poll(), POLL_INTERVAL_MS);
+    this.#timer ??= setInterval(
+      () => this.#poll(),
+      this.#othersWrote ? LOCAL_POLL_INTERVAL_MS : POLL_INTERVAL_MS,
+    );
     return () => {
       set.delete(listener);
       if (set.size > 0) return;
@@ -79,6 +94,7 @@ export class Notifier {
     if (this.#polling || this.#listeners.size === 0) return;
     this.#polling = true;
     try {
+      if (this.#othersWrote && !(await this.#othersWrote())) return;
       const revs = await this.#readRevs([...this.#listeners.keys()]);
       for (const room of this.#listeners.keys()) {
         const rev = revs.get(room);

@@ -7,6 +7,7 @@ import {
   type InStatement,
   type InValue,
   LibsqlBatchError,
+  LibsqlError,
 } from "@libsql/client";
 
 import { Notifier } from "./notify.ts";
@@ -16,6 +17,8 @@ import { type Driver, openSqlite, type Row } from "./sqlite.ts";
 export type DbOptions = {
   url: string;
   authToken?: string;
+  /** How long a remote database may take to answer (ms); default 5 s. */
+  timeoutMs?: number;
   /** Schema changes after version 1, in order: entry i brings version i+1 to i+2. */
   migrations?: string[][];
 };
@@ -82,6 +85,43 @@ export const MIGRATIONS: string[][] = [];
 
 /** Busy timeout for local files: a writer waits this long for another one (ms). */
 const BUSY_TIMEOUT_MS = 5000;
+/** A remote database that has not answered in this long is unavailable (ms). */
+const REMOTE_TIMEOUT_MS = 5000;
+/**
+ * After a remote database failed to answer, queries fail at once for this long instead
+ * of each waiting for it (ms); then the next query tries again.
+ */
+const REMOTE_RETRY_MS = 500;
+
+/**
+ * The database cannot be reached or cannot store anything (network down, server
+ * gone, disk full): answered 503 `database_unavailable`, never a 500.
+ */
+export class DatabaseUnavailable extends Error {
+  constructor(cause: unknown) {
+    super(
+      `The database is unavailable: ${
+        cause instanceof Error ? cause.message : String(cause)
+      }`,
+      { cause },
+    );
+    this.name = "DatabaseUnavailable";
+  }
+}
+
+/**
+ * Whether an error means the database is out of reach rather than a statement failed:
+ * a network failure or timeout of the remote client, a server or protocol error, or a
+ * local file that cannot be read or written.
+ */
+function isUnavailable(error: unknown): boolean {
+  if (error instanceof DatabaseUnavailable) return true;
+  if (!(error instanceof LibsqlError)) {
+    return error instanceof TypeError || error instanceof DOMException;
+  }
+  return /^(SERVER_ERROR|HRANA_|STREAM_|PROTOCOL_|SQLITE_(IOERR|FULL|CANTOPEN|READONLY|NOTADB|CORRUPT))/
+    .test(error.code);
+}
 
 /**
  * A lazily opened database: nothing touches the file or the network until the first
@@ -102,14 +142,66 @@ export class Db {
     );
   }
 
-  /** The client, once the schema has been applied; every query awaits this. */
+  /**
+   * The client, once the schema has been applied; every query awaits this. Throws
+   * `DatabaseUnavailable` while the database is out of reach.
+   */
   client(): Promise<Driver> {
+    if (Date.now() < this.#downUntil) {
+      return Promise.reject(new DatabaseUnavailable(this.#lastFailure));
+    }
     this.#ready ??= this.#open().catch((error) => {
       // A failed open (remote server down) is retried by the next query.
       this.#ready = undefined;
-      throw error;
+      throw this.#failed(error);
     });
     return this.#ready;
+  }
+
+  #downUntil = 0;
+  #lastFailure: unknown;
+
+  /** Notes a failure; one that means "out of reach" becomes `DatabaseUnavailable`. */
+  #failed(error: unknown): unknown {
+    if (!isUnavailable(error)) return error;
+    if (!isLocal(this.options.url)) {
+      this.#downUntil = Date.now() + REMOTE_RETRY_MS;
+      this.#lastFailure = error;
+    }
+    return error instanceof DatabaseUnavailable
+      ? error
+      : new DatabaseUnavailable(error);
+  }
+
+  /** A remote client whose calls time out and fail as `DatabaseUnavailable`. */
+  #guarded(client: Driver): Driver {
+    const timeoutMs = this.options.timeoutMs ?? REMOTE_TIMEOUT_MS;
+    const guard = async <T>(call: () => Promise<T>): Promise<T> => {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const timeout = new Promise<never>((_, reject) => {
+        timer = setTimeout(
+          () =>
+            reject(
+              new DatabaseUnavailable(
+                new Error(`no answer in ${timeoutMs} ms`),
+              ),
+            ),
+          timeoutMs,
+        );
+      });
+      try {
+        return await Promise.race([call(), timeout]);
+      } catch (error) {
+        throw this.#failed(error);
+      } finally {
+        clearTimeout(timer);
+      }
+    };
+    return {
+      execute: (stmt) => guard(() => client.execute(stmt)),
+      batch: (stmts, mode) => guard(() => client.batch(stmts, mode)),
+      close: () => client.close(),
+    };
   }
 
   #dataVersion?: number;
@@ -141,10 +233,12 @@ export class Db {
     // An embedded file goes through node:sqlite (one connection: the driver is
     // synchronous, so more add no parallelism, and its PRAGMAs hold); a remote URL
     // through @libsql/client. README, "Performance", says why.
-    const client: Driver = local ? openSqlite(this.options.url) : createClient({
-      url: this.options.url,
-      authToken: this.options.authToken,
-    });
+    const client: Driver = local
+      ? openSqlite(this.options.url)
+      : this.#guarded(createClient({
+        url: this.options.url,
+        authToken: this.options.authToken,
+      }));
     this.#client = client;
     try {
       if (local && this.options.url !== ":memory:") {
@@ -661,17 +755,25 @@ export async function insertMessage(
     rows = (await client.execute(insert)).rows;
   } else {
     // A reply to a missing message must not leave the key taken: the guard rolls back.
+    // The answer is stored in the same transaction: a crash cannot leave the key
+    // taken without it (stress_test.ts).
     const stmts = [
       ...takeKeyStatements(roomId, idempotency, now),
       insert,
       GUARD,
+      {
+        sql: `UPDATE idempotency SET status = 201, response = (
+                SELECT ${MESSAGE_JSON} FROM messages WHERE id = last_insert_rowid()
+              ) WHERE room_id = ? AND key = ?`,
+        args: [now, now, now, roomId, idempotency.key],
+      },
     ];
     try {
-      rows = (await client.batch(stmts, "write"))[stmts.length - 2].rows;
+      rows = (await client.batch(stmts, "write"))[stmts.length - 3].rows;
     } catch (error) {
       if (
         error instanceof LibsqlBatchError &&
-        error.statementIndex === stmts.length - 1
+        error.statementIndex === stmts.length - 2
       ) return null;
       throw error;
     }
@@ -778,6 +880,23 @@ function isoSql(ms: string): string {
 }
 
 /**
+ * A message row as the JSON object `toMessage` makes of it, built by SQLite. Takes the
+ * current time (ms) three times as arguments: a lapsed lease reads as no claim.
+ */
+const MESSAGE_JSON = (() => {
+  const held =
+    "claimed_by IS NOT NULL AND (lease_expires_at IS NULL OR lease_expires_at > ?)";
+  return `json_object(
+    'id', id, 'room_id', room_id, 'from_agent', from_agent,
+    'to_agent', to_agent, 'kind', kind, 'body', json(body),
+    'created_at', ${isoSql("created_at")}, 'reply_to', reply_to,
+    'claimed_by', CASE WHEN ${held} THEN claimed_by END,
+    'claimed_at', CASE WHEN ${held} THEN ${isoSql("claimed_at")} END,
+    'lease_expires_at', CASE WHEN ${held} THEN ${isoSql("lease_expires_at")} END
+  )`;
+})();
+
+/**
  * `listMessages`, with the JSON built by SQLite: a page of 100 costs no object per
  * message or field on the way out (README, "Performance"). Same shape, byte for byte
  * (tested against `listMessages` in main_test.ts).
@@ -792,18 +911,10 @@ export async function listMessagesJson(
     sql: string;
     args: InValue[];
   };
-  const held =
-    "claimed_by IS NOT NULL AND (lease_expires_at IS NULL OR lease_expires_at > ?)";
   const [row] = await all(db, {
-    sql: `SELECT count(*) AS count, coalesce(json_group_array(json_object(
-            'id', id, 'room_id', room_id, 'from_agent', from_agent,
-            'to_agent', to_agent, 'kind', kind, 'body', json(body),
-            'created_at', ${isoSql("created_at")}, 'reply_to', reply_to,
-            'claimed_by', CASE WHEN ${held} THEN claimed_by END,
-            'claimed_at', CASE WHEN ${held} THEN ${isoSql("claimed_at")} END,
-            'lease_expires_at',
-              CASE WHEN ${held} THEN ${isoSql("lease_expires_at")} END
-          )), '[]') AS json FROM (${page.sql})`,
+    sql: `SELECT count(*) AS count,
+            coalesce(json_group_array(${MESSAGE_JSON}), '[]') AS json
+          FROM (${page.sql})`,
     args: [now, now, now, ...page.args],
   });
   return { count: Number(row.count), json: String(row.json) };

@@ -10,11 +10,15 @@ import { LibsqlBatchError, LibsqlError } from "@libsql/client";
 import {
   claimMessage,
   createRoom,
+  Db,
   insertMessage,
   listMessages,
   listMessagesJson,
+  type Message,
   type MessageFilter,
 } from "./db.ts";
+import { startHranaServer } from "./hrana_server.ts";
+import { createApp } from "./main.ts";
 import { sqlitePath } from "./sqlite.ts";
 import { freshDb, TEST_DATABASE } from "./testing.ts";
 
@@ -181,4 +185,105 @@ Deno.test({
       await close();
     }
   },
+});
+
+/** A JSON request to the app. */
+function send(
+  app: {
+    request: (path: string, init?: RequestInit) => Response | Promise<Response>;
+  },
+  method: string,
+  path: string,
+  body?: unknown,
+) {
+  return app.request(path, {
+    method,
+    headers: { "content-type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+}
+
+Deno.test("a remote database that goes away answers 503 database_unavailable at once, and the service recovers when it returns", async () => {
+  const dir = await Deno.makeTempDir();
+  const path = `${dir}/remote.db`;
+  let server = await startHranaServer({ path });
+  const port = Number(new URL(server.url).port);
+  const db = new Db({ url: server.url, timeoutMs: 1000 });
+  const app = createApp({ db, rateLimit: null });
+  const errors = console.error;
+  console.error = () => {};
+  try {
+    assert.equal((await send(app, "POST", "/rooms", { id: "r" })).status, 201);
+    assert.equal(
+      (await send(app, "POST", "/rooms/r/messages", { body: "before" })).status,
+      201,
+    );
+    await server.close();
+    const calls: [string, string, unknown?][] = [
+      ["POST", "/rooms/r/messages", { body: "during" }],
+      ["GET", "/rooms/r/messages?after=0"],
+      ["PUT", "/rooms/r/state", { key: "k", value: 1 }],
+      ["POST", "/rooms", { id: "other" }],
+      ["GET", "/healthz"],
+    ];
+    for (const [method, url, body] of calls) {
+      const started = performance.now();
+      const res = await send(app, method, url, body);
+      const ms = performance.now() - started;
+      assert.equal(res.status, 503, `${method} ${url}`);
+      assert.equal((await res.json()).error, "database_unavailable");
+      assert.ok(ms < 500, `${method} ${url} took ${ms} ms`);
+    }
+    server = await startHranaServer({ path, port });
+    // Failures are remembered for half a second; then the next request tries again.
+    await new Promise((resolve) => setTimeout(resolve, 600));
+    assert.equal((await send(app, "GET", "/healthz")).status, 200);
+    const res = await send(app, "GET", "/rooms/r/messages?after=0");
+    assert.equal(res.status, 200);
+    assert.deepEqual((await res.json()).map((m: Message) => m.body), [
+      "before",
+    ]);
+    assert.equal(
+      (await send(app, "POST", "/rooms/r/messages", { body: "after" })).status,
+      201,
+    );
+  } finally {
+    console.error = errors;
+    db.close();
+    await server.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a remote database that accepts connections but never answers times out as 503", async () => {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const held: Deno.Conn[] = [];
+  const accepting = (async () => {
+    for await (const conn of listener) held.push(conn);
+  })();
+  const db = new Db({
+    url: `http://127.0.0.1:${listener.addr.port}`,
+    timeoutMs: 300,
+  });
+  const app = createApp({ db, rateLimit: null });
+  const errors = console.error;
+  console.error = () => {};
+  try {
+    const started = performance.now();
+    const res = await send(app, "POST", "/rooms", { id: "r" });
+    const ms = performance.now() - started;
+    assert.equal(res.status, 503);
+    assert.equal((await res.json()).error, "database_unavailable");
+    assert.ok(ms >= 250 && ms < 1500, `took ${ms} ms`);
+    // Meanwhile others are answered at once rather than each waiting.
+    const again = performance.now();
+    assert.equal((await send(app, "GET", "/rooms/r")).status, 503);
+    assert.ok(performance.now() - again < 100);
+  } finally {
+    console.error = errors;
+    db.close();
+    listener.close();
+    for (const conn of held) conn.close();
+    await accepting.catch(() => {});
+  }
 });

@@ -3,6 +3,8 @@
  * here: handlers throw an `ApiError`, `onError` and `notFound` turn everything into JSON.
  */
 import { LibsqlError } from "@libsql/client";
+
+import { DatabaseUnavailable } from "./db.ts";
 import type { Context, ErrorHandler, NotFoundHandler } from "hono";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
 
@@ -74,7 +76,10 @@ export const ERRORS = {
     503,
     "the database stayed locked past the busy timeout; retry (`Retry-After`)",
   ],
-  database_unavailable: [503, "`/healthz`: the database does not answer"],
+  database_unavailable: [
+    503,
+    "the database does not answer (remote server unreachable, disk full); retry after `Retry-After`",
+  ],
   shutting_down: [
     503,
     "the process is draining after SIGTERM; retry (`Retry-After`)",
@@ -174,6 +179,16 @@ export const onError: ErrorHandler = (error, c) => {
       new ApiError(
         "database_busy",
         "The database is busy; retry in a moment",
+      ),
+    );
+  }
+  if (error instanceof DatabaseUnavailable) {
+    c.header("Retry-After", "1");
+    return errorResponse(
+      c,
+      new ApiError(
+        "database_unavailable",
+        "The database does not answer; retry in a moment",
       ),
     );
   }

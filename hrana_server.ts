@@ -34,15 +34,18 @@ export interface HranaServer {
   close(): Promise<void>;
 }
 
-/** Starts a Hrana-over-HTTP server on 127.0.0.1 (free port) backed by a fresh in-memory SQLite database. */
+/**
+ * Starts a Hrana-over-HTTP server on 127.0.0.1 (a free port unless `port` is given)
+ * backed by a fresh in-memory SQLite database, or by the file at `path`.
+ */
 export function startHranaServer(
-  options: { path?: string } = {},
+  options: { path?: string; port?: number } = {},
 ): Promise<HranaServer> {
   const hrana = new Hrana(new DatabaseSync(options.path ?? ":memory:"));
   return new Promise((resolve) => {
     const server = Deno.serve({
       hostname: "127.0.0.1",
-      port: 0,
+      port: options.port ?? 0,
       onListen({ port }) {
         resolve({
           url: `http://127.0.0.1:${port}`,

@@ -214,7 +214,7 @@ export function createApp(options: AppOptions) {
     caller: Caller,
     write: (
       idempotency?: Idempotency,
-    ) => Promise<{ status: 200 | 201; body: unknown }>,
+    ) => Promise<{ status: 200 | 201; body: unknown; stored?: boolean }>,
   ): Promise<Response> => {
     const header = c.req.header("idempotency-key");
     if (header === undefined) {
@@ -260,7 +260,11 @@ export function createApp(options: AppOptions) {
       if (isKeyTaken(error)) return replay();
       throw error;
     }
-    await saveIdempotent(db, roomId, key, result.status, result.body);
+    // A write that stored its answer in its own transaction says so (messages); the
+    // rest store it now, a moment after their commit (README, "Idempotency").
+    if (!result.stored) {
+      await saveIdempotent(db, roomId, key, result.status, result.body);
+    }
     return c.json(result.body, result.status);
   };
 
@@ -509,7 +513,7 @@ export function createApp(options: AppOptions) {
       return once(c, roomId, c.var.caller, async (idempotency) => {
         const inserted = await insertMessage(db, roomId, message, idempotency);
         if (!inserted) throw replyNotFound(roomId, message.reply_to!);
-        return { status: 201, body: inserted };
+        return { status: 201, body: inserted, stored: true };
       });
     })
     .get("/rooms/:id/messages", inRoom, query(ListMessages), async (c) => {

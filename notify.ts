@@ -31,6 +31,7 @@ export class Notifier {
   #revs = new Map<string, number>();
   #timer?: ReturnType<typeof setInterval>;
   #polling = false;
+  #failing = false;
   readonly #readRevs: (rooms: string[]) => Promise<Map<string, number>>;
   readonly #othersWrote?: () => Promise<boolean>;
 
@@ -109,9 +110,13 @@ export class Notifier {
           this.publish(room, { type: "changed" });
         }
       }
+      if (this.#failing) console.error("notify: polling for changes again");
+      this.#failing = false;
     } catch (error) {
-      // The database may be briefly unreachable; the next tick tries again.
-      console.error("notify: cannot poll for changes:", error);
+      // The database may be briefly unreachable; the next tick tries again. Said once
+      // per outage, not at every tick.
+      if (!this.#failing) console.error("notify: cannot poll for changes:", error);
+      this.#failing = true;
     } finally {
       this.#polling = false;
     }

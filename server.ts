@@ -14,6 +14,13 @@ const DRAIN_TIMEOUT_MS = 10_000;
  */
 const STREAM_GRACE_MS = 2_000;
 
+/**
+ * Once the requests in flight are done, the listener stays open, answering 503, until
+ * no request has come for this long (ms): requests already sent on open connections or
+ * waiting to be accepted get an answer instead of a reset (stress_test.ts).
+ */
+const QUIET_MS = 250;
+
 type Fetch = (
   request: Request,
   info: Deno.ServeHandlerInfo,
@@ -26,6 +33,7 @@ export function serve(
 ): Deno.HttpServer {
   let inFlight = 0;
   let draining = false;
+  let lastRequest = 0;
   const drained = Promise.withResolvers<void>();
 
   const server = Deno.serve({
@@ -36,6 +44,7 @@ export function serve(
         `sync listening on http://${hostname}:${port} (pid ${Deno.pid})`,
       ),
   }, async (request, info) => {
+    lastRequest = performance.now();
     if (draining) {
       return Response.json(
         {
@@ -47,7 +56,10 @@ export function serve(
     }
     inFlight++;
     try {
-      return await fetch(request, info);
+      const response = await fetch(request, info);
+      // A connection still open when the process exits would be cut.
+      if (draining) closeAfter(response);
+      return response;
     } finally {
       if (--inFlight === 0 && draining) drained.resolve();
     }
@@ -63,9 +75,15 @@ export function serve(
         promise,
         new Promise((resolve) => setTimeout(resolve, ms)),
       ]);
+    const deadline = performance.now() + DRAIN_TIMEOUT_MS;
     options.onDrain?.();
     if (inFlight === 0) drained.resolve();
     await until(drained.promise, DRAIN_TIMEOUT_MS);
+    while (
+      performance.now() - lastRequest < QUIET_MS && performance.now() < deadline
+    ) {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
     // Streams are not counted in flight; a client that stopped reading could hold
     // shutdown() forever.
     await until(server.shutdown(), STREAM_GRACE_MS);
@@ -75,4 +93,13 @@ export function serve(
   Deno.addSignalListener("SIGTERM", stop);
   Deno.addSignalListener("SIGINT", stop);
   return server;
+}
+
+/** Asks the client to close the connection after this response (when it can be said). */
+function closeAfter(response: Response): void {
+  try {
+    response.headers.set("connection", "close");
+  } catch {
+    // Immutable headers (a response passed through from fetch): nothing to say.
+  }
 }

@@ -19,7 +19,7 @@ pre { margin: 0; white-space: pre-wrap; word-break: break-word; }
 .grid { display: grid; grid-template-columns: minmax(0, 2fr) minmax(0, 1fr); gap: 1.5rem; }
 @media (max-width: 800px) { .grid { grid-template-columns: minmax(0, 1fr); } }
 table { border-collapse: collapse; width: 100%; }
-th, td { text-align: left; padding: .25rem .4rem; border-bottom: 1px solid var(--line); vertical-align: top; }
+th, td { text-align: left; padding: .25rem .4rem; border-bottom: 1px solid var(--line); vertical-align: top; overflow-wrap: anywhere; }
 ol.messages { list-style: none; margin: 0; padding: 0; }
 ol.messages li { border-bottom: 1px solid var(--line); padding: .4rem 0; }
 .head { display: flex; gap: .5rem; flex-wrap: wrap; align-items: baseline; }
@@ -271,7 +271,7 @@ if (given) {
   history.replaceState(null, "", location.pathname + location.search);
 }
 const token = sessionStorage.getItem(tokenKey);
-const auth = token ? { authorization: "Bearer " + token } : {};
+let auth = token ? { authorization: "Bearer " + token } : {};
 const MAX_SHOWN = 2000;
 let after = data.after;
 
@@ -390,11 +390,17 @@ const handlers = { message: onMessage, claim: onClaim, agent: onAgent, state: on
 
 async function follow() {
   const res = await fetch(base + "/stream?after=" + after, { headers: { accept: "text/event-stream", ...auth } });
-  if (res.status === 401 || res.status === 403) {
-    document.getElementById("room-meta").textContent =
-      "This room is locked: add #token=<a view, agent or room token> to the address.";
-    throw Object.assign(new Error("no access"), { fatal: true });
+  if ((res.status === 401 || res.status === 403) && auth.authorization) {
+    // A mistyped, rotated or stale token: forget it. An open room needs none.
+    sessionStorage.removeItem(tokenKey);
+    auth = {};
+    if (!data.locked) return;
+    return stop("This room is locked and its token was refused: open it again with #token=<a current view, agent or room token>.");
   }
+  if (res.status === 401 || res.status === 403) {
+    return stop("This room is locked: add #token=<a view, agent or room token> to the address.");
+  }
+  if (res.status === 404) return stop("This room was deleted.");
   if (!res.ok || !res.body) throw new Error("stream answered " + res.status);
   fresh = { state: new Set(), claims: new Set() };
   setStatus("live", "live");
@@ -416,6 +422,13 @@ async function follow() {
       if (payload && handlers[event]) handlers[event](JSON.parse(payload));
     }
   }
+}
+
+/** Says why the page stopped following, and stops it. */
+function stop(text) {
+  document.getElementById("room-meta").textContent = text;
+  setStatus("stopped", "down");
+  throw Object.assign(new Error(text), { fatal: true });
 }
 
 /** A locked room is rendered here, from the same context endpoint agents use. */

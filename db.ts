@@ -85,6 +85,13 @@ export const MIGRATIONS: string[][] = [];
 
 /** Busy timeout for local files: a writer waits this long for another one (ms). */
 const BUSY_TIMEOUT_MS = 5000;
+/**
+ * WAL pages between checkpoints (SQLite's default is 1,000). A checkpoint syncs the
+ * file and stalls the requests of that moment; smaller, more frequent ones stall them
+ * for less: POST p99 at 10 connections fell from ~20 ms to ~12 ms at the same
+ * throughput (README, "Performance").
+ */
+const CHECKPOINT_PAGES = 256;
 /** A remote database that has not answered in this long is unavailable (ms). */
 const REMOTE_TIMEOUT_MS = 5000;
 /**
@@ -248,6 +255,7 @@ export class Db {
         await client.execute("PRAGMA journal_mode = WAL");
         await client.execute("PRAGMA synchronous = NORMAL");
         await client.execute("PRAGMA journal_size_limit = 67108864");
+        await client.execute(`PRAGMA wal_autocheckpoint = ${CHECKPOINT_PAGES}`);
       }
       if (local) {
         await client.execute("PRAGMA foreign_keys = ON");
@@ -1196,7 +1204,11 @@ function stateStatement(
     const sum = "(json_extract(state.value, '$') + :value)";
     absent = numberText("(0 + :value)");
     fromCurrent = numberText(sum);
-    conditions.push(NUMERIC, `abs(${sum}) <= ${MAX_DOUBLE}`);
+    // Not abs(): the exact sum -2^63 makes SQLite's abs() fail with an overflow.
+    conditions.push(
+      NUMERIC,
+      `${sum} BETWEEN -${MAX_DOUBLE} AND ${MAX_DOUBLE}`,
+    );
     // A whole number goes in as an integer, so integer counters add exactly.
     operand = Number.isSafeInteger(op.increment)
       ? BigInt(op.increment)
@@ -1574,10 +1586,14 @@ function takeKeyStatements(
   ];
 }
 
-/** True when an error is the failure of `takeKeyStatements` on a key in use. */
+/**
+ * True when an error is the failure of `takeKeyStatements` on a key in use (not the
+ * room's foreign key: a room deleted meanwhile takes no key; fuzz_test.ts).
+ */
 export function isKeyTaken(error: unknown): boolean {
   return error instanceof LibsqlBatchError && error.statementIndex === 1 &&
-    error.code.startsWith("SQLITE_CONSTRAINT");
+    error.code.startsWith("SQLITE_CONSTRAINT") &&
+    !/FOREIGN KEY/i.test(error.message);
 }
 
 /** Stores the answer given for a key. */

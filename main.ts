@@ -373,7 +373,7 @@ export function createApp(options: AppOptions) {
       const viewToken = newToken("view");
       const { room, created } = await createRoom(db, {
         id: input.id ?? crypto.randomUUID(),
-        meta: input.meta ?? {},
+        meta: input.meta === undefined ? {} : input.meta,
         locked: input.locked ?? false,
         token_hash: await hashToken(token),
         view_token_hash: await hashToken(viewToken),
@@ -419,6 +419,11 @@ export function createApp(options: AppOptions) {
       const after = resume === undefined
         ? c.req.valid("query").after ?? 0
         : parse(LastEventId, resume, "Last-Event-ID header");
+      // Hono answers HEAD by running this handler and dropping the body unread: a
+      // stream opened for it would never learn that nobody reads (fuzz_test.ts).
+      if (c.req.method === "HEAD") {
+        return c.body(null, 200, { "content-type": "text/event-stream" });
+      }
       return streamRoom(
         c,
         db,
@@ -449,7 +454,7 @@ export function createApp(options: AppOptions) {
           room_id: room.id,
           name: input.name,
           role: input.role ?? "agent",
-          meta: input.meta ?? {},
+          meta: input.meta === undefined ? {} : input.meta,
         };
         const token = newToken("as");
         const agent = await insertAgent(db, {

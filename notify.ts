@@ -6,6 +6,8 @@
  * whether another connection wrote at all (`PRAGMA data_version`), so it costs next
  * to nothing and never mistakes this process's own writes for another's.
  */
+import { setImmediate } from "node:timers";
+
 import type { Agent, Message, StateEntry } from "./db.ts";
 
 /** What changed in a room. `changed` means "something, on another instance". */
@@ -75,7 +77,31 @@ export class Notifier {
 
   /** Delivers an event to every listener of the room. */
   publish(room: string, event: RoomEvent): void {
+    this.#published++;
     for (const listener of this.#listeners.get(room) ?? []) listener(event);
+  }
+
+  #published = 0;
+  #reads = new Map<string, { published: number; result: Promise<unknown> }>();
+
+  /**
+   * Runs `read`, or hands out the result of the same read (`key`) that started since the
+   * last event was published: when one write wakes a thousand streams or long-polls
+   * waiting at the same cursor, the database answers once, not a thousand times. A
+   * result can miss only a write whose event is still to come, and that event wakes
+   * its readers again.
+   */
+  shared<T>(key: string, read: () => Promise<T>): Promise<T> {
+    const found = this.#reads.get(key);
+    if (found?.published === this.#published) return found.result as Promise<T>;
+    const entry = { published: this.#published, result: read() };
+    this.#reads.set(key, entry);
+    const forget = () =>
+      setImmediate(() => {
+        if (this.#reads.get(key) === entry) this.#reads.delete(key);
+      });
+    entry.result.then(forget, forget);
+    return entry.result;
   }
 
   /** How many listeners are registered, in all rooms. */
@@ -115,7 +141,9 @@ export class Notifier {
     } catch (error) {
       // The database may be briefly unreachable; the next tick tries again. Said once
       // per outage, not at every tick.
-      if (!this.#failing) console.error("notify: cannot poll for changes:", error);
+      if (!this.#failing) {
+        console.error("notify: cannot poll for changes:", error);
+      }
       this.#failing = true;
     } finally {
       this.#polling = false;

@@ -15,16 +15,36 @@ export const Id = z.string().regex(/^[A-Za-z0-9._:@-]{1,128}$/, {
   error: "must be 1-128 characters of A-Z a-z 0-9 . _ : @ -",
 });
 
+/** A JSON value, as `JSON.parse` gives it. */
+export type JsonValue =
+  | null
+  | boolean
+  | number
+  | string
+  | JsonValue[]
+  | { [key: string]: JsonValue };
+
+/** Whether `value` is JSON with finite numbers (`JSON.parse("1e999")` is Infinity). */
+function isJson(value: unknown): value is JsonValue {
+  if (value === null || typeof value === "string") return true;
+  if (typeof value === "boolean") return true;
+  if (typeof value === "number") return Number.isFinite(value);
+  if (Array.isArray(value)) return value.every(isJson);
+  if (typeof value !== "object") return false;
+  return Object.values(value).every(isJson);
+}
+
 /**
- * Any JSON value. Nesting is bounded separately (`MAX_JSON_DEPTH`) before zod sees it,
- * because zod and JSON.stringify recurse and a deep enough value overflows the stack.
+ * Any JSON value, kept as it was sent: `z.json()` rebuilds objects and silently drops a
+ * `"__proto__"` member (fuzz_test.ts). Nesting is bounded separately
+ * (`MAX_JSON_DEPTH`) before zod sees it, so the recursion here stays shallow.
  */
-const Json = z.json({
+const Json = z.unknown().refine(isJson, {
   error: (issue) =>
     issue.input === undefined
       ? "is required"
       : "must be a JSON value (numbers must be finite)",
-});
+}).meta({ description: "any JSON value" });
 
 /** A state key: any text without control characters. */
 /**

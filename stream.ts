@@ -93,11 +93,11 @@ export function streamRoom(
     /** Sends every message above the cursor, in id order, from the database. */
     const catchUp = async () => {
       for (;;) {
-        const page = await listMessages(db, roomId, {
-          after: cursor,
-          limit: PAGE,
-          order: "asc",
-        });
+        const after = cursor;
+        const page = await db.notifier.shared(
+          `stream ${roomId} ${after}`,
+          () => listMessages(db, roomId, { after, limit: PAGE, order: "asc" }),
+        );
         for (const message of page) {
           await send("message", message, String(message.id));
           cursor = message.id;

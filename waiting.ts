@@ -112,7 +112,11 @@ export async function waitForMessages(
     ms: seconds * 1000,
     signal,
     check: async (recheckAt) => {
-      const page = await listMessagesJson(db, roomId, filter);
+      // Waiters on the same filter share one read per event (notify.ts, `shared`).
+      const page = await db.notifier.shared(
+        `messages ${roomId} ${JSON.stringify(filter)}`,
+        () => listMessagesJson(db, roomId, filter),
+      );
       if (page.count > 0) return page;
       if (filter.unclaimed === true) {
         // A lease running out frees a message without any write.

@@ -1,0 +1,83 @@
+/**
+ * The raw-driver reference: node:sqlite on a copy of the service's own database file
+ * (same tables, indexes and triggers), WAL and synchronous=NORMAL, in a loop, in its own
+ * process so it has a core to itself like the server. Prints one JSON line:
+ * `{"ops": N, "seconds": S, "cpu": C}` (C: CPU seconds used in the loop).
+ *
+ *   raw.ts insert FILE ROOM SECONDS           one INSERT … RETURNING per call, read with .all()
+ *   raw.ts page FILE ROOM SECONDS FIRST LAST  a 100-row page after a random id in [FIRST, LAST)
+ */
+import { DatabaseSync } from "node:sqlite";
+
+const COLUMNS = "id, room_id, from_agent, to_agent, kind, body, created_at, " +
+  "reply_to, claimed_by, claimed_at, lease_expires_at";
+
+const [mode, file, room, secondsText, firstText, lastText] = Deno.args;
+const seconds = Number(secondsText);
+
+const db = new DatabaseSync(file);
+db.exec("PRAGMA journal_mode = WAL");
+db.exec("PRAGMA synchronous = NORMAL");
+db.exec("PRAGMA foreign_keys = ON");
+db.exec("PRAGMA busy_timeout = 5000");
+
+type Result = { ops: number; seconds: number; cpu: number };
+
+/** CPU time (user + system) used by this process so far, in seconds. */
+function cpu(): number {
+  const stat = Deno.readTextFileSync("/proc/self/stat");
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return (Number(fields[11]) + Number(fields[12])) / 100;
+}
+
+/** Calls `step` until `seconds` have passed; answers how many calls it made. */
+function loop(step: (i: number) => void): Result {
+  // A short warm-up, so the statement cache and the page cache are hot.
+  const warm = performance.now() + 300;
+  for (let i = 0; performance.now() < warm; i++) step(i);
+  const start = performance.now();
+  const cpuStart = cpu();
+  const end = start + seconds * 1000;
+  let ops = 0;
+  // Check the clock every 64 calls: performance.now() is not free.
+  while ((ops & 63) !== 0 || performance.now() < end) step(ops++);
+  return {
+    ops,
+    seconds: (performance.now() - start) / 1000,
+    cpu: cpu() - cpuStart,
+  };
+}
+
+let result: Result;
+if (mode === "insert") {
+  const insert = db.prepare(
+    `INSERT INTO messages (room_id, from_agent, to_agent, kind, body, created_at)
+     VALUES (?, ?, ?, ?, ?, ?) RETURNING ${COLUMNS}`,
+  );
+  result = loop((i) => {
+    const rows = insert.all(
+      room,
+      "bench",
+      null,
+      "bench",
+      JSON.stringify({ n: i, text: "a benchmark message" }),
+      Date.now(),
+    );
+    if (rows.length !== 1) throw new Error("INSERT … RETURNING gave no row");
+  });
+} else if (mode === "page") {
+  const first = Number(firstText);
+  const span = Number(lastText) - first - 100;
+  const page = db.prepare(
+    `SELECT ${COLUMNS} FROM messages WHERE room_id = ? AND id > ?
+     ORDER BY id LIMIT 100`,
+  );
+  result = loop(() => {
+    const rows = page.all(room, first + Math.floor(Math.random() * span));
+    if (rows.length !== 100) throw new Error(`a page of ${rows.length} rows`);
+  });
+} else {
+  throw new Error(`unknown mode "${mode}": insert or page`);
+}
+db.close();
+console.log(JSON.stringify(result));

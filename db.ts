@@ -119,14 +119,15 @@ export class DatabaseUnavailable extends Error {
 /**
  * Whether an error means the database is out of reach rather than a statement failed:
  * a network failure or timeout of the remote client, a server or protocol error, or a
- * local file that cannot be read or written.
+ * local file that cannot be read or written (and the writes that shared a transaction
+ * with such a failure: `SQLITE_ABORT`, sqlite.ts).
  */
-function isUnavailable(error: unknown): boolean {
+export function isUnavailable(error: unknown): boolean {
   if (error instanceof DatabaseUnavailable) return true;
   if (!(error instanceof LibsqlError)) {
     return error instanceof TypeError || error instanceof DOMException;
   }
-  return /^(SERVER_ERROR|HRANA_|STREAM_|PROTOCOL_|SQLITE_(IOERR|FULL|CANTOPEN|READONLY|NOTADB|CORRUPT))/
+  return /^(SERVER_ERROR|HRANA_|STREAM_|PROTOCOL_|SQLITE_(IOERR|FULL|CANTOPEN|READONLY|NOTADB|CORRUPT|ABORT))/
     .test(error.code);
 }
 

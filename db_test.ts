@@ -287,3 +287,40 @@ Deno.test("a remote database that accepts connections but never answers times ou
     await accepting.catch(() => {});
   }
 });
+
+Deno.test({
+  name:
+    "a local database that refuses writes answers 503 database_unavailable, writes nothing, and serves again when it accepts them",
+  ignore: TEST_DATABASE !== "embedded",
+}, async () => {
+  const dir = await Deno.makeTempDir();
+  const db = new Db({ url: `file:${dir}/local.db` });
+  const app = createApp({ db, rateLimit: null });
+  try {
+    assert.equal((await send(app, "POST", "/rooms", { id: "r" })).status, 201);
+    // As a full disk or a read-only file would: every write fails in SQLite.
+    await (await db.client()).execute("PRAGMA query_only = ON");
+    const answers = await Promise.all([
+      send(app, "POST", "/rooms/r/messages", { body: 1 }),
+      send(app, "PUT", "/rooms/r/state", { key: "k", value: 1 }),
+      send(app, "POST", "/rooms/r/batch", { messages: [{ body: 2 }] }),
+    ]);
+    for (const res of answers) {
+      assert.equal(res.status, 503);
+      assert.equal((await res.json()).error, "database_unavailable");
+      assert.equal(res.headers.get("retry-after"), "1");
+    }
+    await (await db.client()).execute("PRAGMA query_only = OFF");
+    assert.deepEqual(
+      await (await send(app, "GET", "/rooms/r/messages?after=0")).json(),
+      [],
+    );
+    assert.equal(
+      (await send(app, "POST", "/rooms/r/messages", { body: 3 })).status,
+      201,
+    );
+  } finally {
+    db.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -4,7 +4,7 @@
  */
 import { LibsqlError } from "@libsql/client";
 
-import { DatabaseUnavailable } from "./db.ts";
+import { isUnavailable } from "./db.ts";
 import type { Context, ErrorHandler, NotFoundHandler } from "hono";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
 
@@ -182,7 +182,7 @@ export const onError: ErrorHandler = (error, c) => {
       ),
     );
   }
-  if (error instanceof DatabaseUnavailable) {
+  if (isUnavailable(error)) {
     c.header("Retry-After", "1");
     return errorResponse(
       c,

@@ -140,7 +140,20 @@ type WriteFields = {
   delete?: boolean;
 };
 
-/** A write takes exactly one of `value` or `increment`; `merge` goes with `value`. */
+/** Whether an object anywhere in `value` has a key with a NUL character in it. */
+export function hasNulKey(value: unknown): boolean {
+  if (Array.isArray(value)) return value.some(hasNulKey);
+  if (value === null || typeof value !== "object") return false;
+  return Object.entries(value).some(([key, v]) =>
+    key.includes("\0") || hasNulKey(v)
+  );
+}
+
+/**
+ * A write takes exactly one of `value` or `increment`; `merge` goes with `value`. A
+ * state value's object keys must not hold NUL: SQLite's `json_patch` compares keys
+ * as C strings, so a merge would take `"a\u0000b"` for `"a"` (fuzz_test.ts).
+ */
 function checkWrite(input: WriteFields, ctx: z.RefinementCtx): void {
   const problem = (path: string, message: string) =>
     ctx.addIssue({ code: "custom", path: [path], message });
@@ -156,6 +169,11 @@ function checkWrite(input: WriteFields, ctx: z.RefinementCtx): void {
     problem("increment", "must not be given with value");
   } else if (input.merge && input.increment !== undefined) {
     problem("merge", "applies a value; it cannot go with increment");
+  } else if (hasNulKey(input.value)) {
+    problem(
+      "value",
+      "must not have object keys containing U+0000 (NUL); state merges cannot tell such keys apart",
+    );
   }
 }
 

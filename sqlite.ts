@@ -122,16 +122,15 @@ class SqliteDriver implements Driver {
       return;
     }
     const done: { write: Pending; results: ResultSet[] }[] = [];
+    const rolledBack = new LibsqlError(
+      "The transaction was rolled back",
+      "SQLITE_ABORT",
+    );
     for (const write of group) {
       if (!this.#db.isTransaction) {
-        // An I/O error rolled the whole transaction back: nothing of it stands.
-        const error = new LibsqlError(
-          "The transaction was rolled back",
-          "SQLITE_ABORT",
-        );
-        for (const { write: w } of done) w.reject(error);
-        done.length = 0;
-        write.reject(error);
+        // An error SQLite answers by rolling back the whole transaction (an I/O
+        // error, a full disk): nothing of it stands.
+        write.reject(rolledBack);
         continue;
       }
       try {
@@ -140,8 +139,12 @@ class SqliteDriver implements Driver {
         write.reject(error);
       }
     }
+    if (!this.#db.isTransaction) {
+      for (const { write } of done) write.reject(rolledBack);
+      return;
+    }
     try {
-      if (this.#db.isTransaction) this.#db.exec("COMMIT");
+      this.#db.exec("COMMIT");
     } catch (error) {
       if (this.#db.isTransaction) this.#db.exec("ROLLBACK");
       for (const { write } of done) write.reject(libsqlError(error));
@@ -259,15 +262,31 @@ const CODES: Record<number, string> = {
   25: "SQLITE_RANGE",
 };
 
+/**
+ * `DatabaseSync.exec` throws without a result code: SQLite's own message for it
+ * (sqlite3_errstr) tells which it was.
+ */
+const BY_MESSAGE: [RegExp, string][] = [
+  [/database is locked/, "SQLITE_BUSY"],
+  [/database table is locked/, "SQLITE_LOCKED"],
+  [/readonly database/, "SQLITE_READONLY"],
+  [/disk I\/O error/, "SQLITE_IOERR"],
+  [/malformed/, "SQLITE_CORRUPT"],
+  [/database or disk is full/, "SQLITE_FULL"],
+  [/unable to open database/, "SQLITE_CANTOPEN"],
+  [/constraint failed/, "SQLITE_CONSTRAINT"],
+  [/not a database/, "SQLITE_NOTADB"],
+];
+
 /** A node:sqlite error as the libSQL client would raise it, so errors.ts maps both. */
 function libsqlError(error: unknown, index?: number): LibsqlError {
   if (error instanceof LibsqlError) return error;
   const errcode = (error as { errcode?: unknown }).errcode;
   const raw = typeof errcode === "number" ? errcode : undefined;
-  const code = raw === undefined
-    ? "SQLITE_UNKNOWN"
-    : CODES[raw & 0xff] ?? `SQLITE_${raw & 0xff}`;
   const message = error instanceof Error ? error.message : String(error);
+  const code = raw === undefined
+    ? BY_MESSAGE.find(([text]) => text.test(message))?.[1] ?? "SQLITE_UNKNOWN"
+    : CODES[raw & 0xff] ?? `SQLITE_${raw & 0xff}`;
   return index === undefined
     ? new LibsqlError(message, code, undefined, raw, error as Error)
     : new LibsqlBatchError(

@@ -546,7 +546,8 @@ export function createApp(options: AppOptions) {
             roomId,
             filter,
             q.wait ?? 0,
-            ending(c),
+            // Only a wait needs the signal: making it costs every plain read.
+            q.wait ? ending(c) : undefined,
             () => readable(c),
           ),
       );
@@ -623,7 +624,7 @@ export function createApp(options: AppOptions) {
             key,
             after_version ?? 0,
             wait ?? 0,
-            ending(c),
+            wait ? ending(c) : undefined,
             () => readable(c),
           ),
       );

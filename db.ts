@@ -118,15 +118,13 @@ export class DatabaseUnavailable extends Error {
 
 /**
  * Whether an error means the database is out of reach rather than a statement failed:
- * a network failure or timeout of the remote client, a server or protocol error, or a
- * local file that cannot be read or written (and the writes that shared a transaction
+ * a network failure or timeout of the remote client (wrapped where it is caught, in
+ * `Db`), a server or protocol error, or a local file that cannot be read or written (and the writes that shared a transaction
  * with such a failure: `SQLITE_ABORT`, sqlite.ts).
  */
 export function isUnavailable(error: unknown): boolean {
   if (error instanceof DatabaseUnavailable) return true;
-  if (!(error instanceof LibsqlError)) {
-    return error instanceof TypeError || error instanceof DOMException;
-  }
+  if (!(error instanceof LibsqlError)) return false;
   return /^(SERVER_ERROR|HRANA_|STREAM_|PROTOCOL_|SQLITE_(IOERR|FULL|CANTOPEN|READONLY|NOTADB|CORRUPT|ABORT))/
     .test(error.code);
 }
@@ -141,6 +139,11 @@ export class Db {
   readonly notifier: Notifier;
   #ready?: Promise<Driver>;
   #client?: Driver;
+  /** Until when queries fail at once after a remote failure (ms since the epoch). */
+  #downUntil = 0;
+  #lastFailure: unknown;
+  /** SQLite's `data_version` when last asked (see `#othersWrote`). */
+  #dataVersion?: number;
 
   constructor(options: DbOptions) {
     this.options = options;
@@ -156,7 +159,7 @@ export class Db {
    */
   client(): Promise<Driver> {
     if (Date.now() < this.#downUntil) {
-      return Promise.reject(new DatabaseUnavailable(this.#lastFailure));
+      return Promise.reject(this.#lastFailure);
     }
     this.#ready ??= this.#open().catch((error) => {
       // A failed open (remote server down) is retried by the next query.
@@ -166,19 +169,17 @@ export class Db {
     return this.#ready;
   }
 
-  #downUntil = 0;
-  #lastFailure: unknown;
-
   /** Notes a failure; one that means "out of reach" becomes `DatabaseUnavailable`. */
   #failed(error: unknown): unknown {
     if (!isUnavailable(error)) return error;
-    if (!isLocal(this.options.url)) {
-      this.#downUntil = Date.now() + REMOTE_RETRY_MS;
-      this.#lastFailure = error;
-    }
-    return error instanceof DatabaseUnavailable
+    const unavailable = error instanceof DatabaseUnavailable
       ? error
       : new DatabaseUnavailable(error);
+    if (!isLocal(this.options.url)) {
+      this.#downUntil = Date.now() + REMOTE_RETRY_MS;
+      this.#lastFailure = unavailable;
+    }
+    return unavailable;
   }
 
   /** A remote client whose calls time out and fail as `DatabaseUnavailable`. */
@@ -200,7 +201,13 @@ export class Db {
       try {
         return await Promise.race([call(), timeout]);
       } catch (error) {
-        throw this.#failed(error);
+        // The remote client's fetch fails with a TypeError (refused, reset, DNS)
+        // or a DOMException (aborted): the network, not a statement.
+        throw this.#failed(
+          error instanceof TypeError || error instanceof DOMException
+            ? new DatabaseUnavailable(error)
+            : error,
+        );
       } finally {
         clearTimeout(timer);
       }
@@ -211,8 +218,6 @@ export class Db {
       close: () => client.close(),
     };
   }
-
-  #dataVersion?: number;
 
   /**
    * Whether another connection (another instance on the same file) committed since
@@ -234,6 +239,7 @@ export class Db {
     this.#client = undefined;
     this.#ready = undefined;
     this.#dataVersion = undefined;
+    this.#downUntil = 0;
   }
 
   async #open(): Promise<Driver> {
@@ -697,11 +703,12 @@ export async function nextLeaseExpiry(
   db: Db,
   roomId: string,
   after: number,
+  now = Date.now(),
 ): Promise<number | undefined> {
   const [row] = await all(db, {
     sql: `SELECT min(lease_expires_at) AS at FROM messages
           WHERE room_id = ? AND id > ? AND lease_expires_at > ?`,
-    args: [roomId, after, Date.now()],
+    args: [roomId, after, now],
   });
   return row?.at === null || row?.at === undefined ? undefined : Number(row.at);
 }
@@ -828,7 +835,7 @@ function messageQuery(
   roomId: string,
   filter: MessageFilter,
   now: number,
-): InStatement {
+): { sql: string; args: InValue[] } {
   const where = ["room_id = ?"];
   const args: InValue[] = [roomId];
   if (filter.after !== undefined) where.push("id > ?"), args.push(filter.after);
@@ -881,7 +888,12 @@ export async function listMessages(
 }
 
 /** A page of messages as the JSON text of the array `listMessages` would answer. */
-export type MessagePage = { count: number; json: string };
+export type MessagePage = {
+  count: number;
+  json: string;
+  /** The time the page was read at (ms): lapsed leases are judged against it. */
+  now: number;
+};
 
 /** An ISO 8601 time, as `Date.toISOString` writes it, from integer ms in SQL. */
 function isoSql(ms: string): string {
@@ -889,7 +901,9 @@ function isoSql(ms: string): string {
 }
 
 /**
- * A message row as the JSON object `toMessage` makes of it, built by SQLite. Takes the
+ * A message row as the JSON object `toMessage` makes of it, built by SQLite: a second
+ * mapper for the messages table, kept because pages built this way cost half as much
+ * as rows mapped in JS (README, "Performance"); db_test.ts holds the two equal. Takes the
  * current time (ms) three times as arguments: a lapsed lease reads as no claim.
  */
 const MESSAGE_JSON = (() => {
@@ -916,17 +930,14 @@ export async function listMessagesJson(
   filter: MessageFilter,
 ): Promise<MessagePage> {
   const now = Date.now();
-  const page = messageQuery(roomId, filter, now) as {
-    sql: string;
-    args: InValue[];
-  };
+  const page = messageQuery(roomId, filter, now);
   const [row] = await all(db, {
     sql: `SELECT count(*) AS count,
             coalesce(json_group_array(${MESSAGE_JSON}), '[]') AS json
           FROM (${page.sql})`,
     args: [now, now, now, ...page.args],
   });
-  return { count: Number(row.count), json: String(row.json) };
+  return { count: Number(row.count), json: String(row.json), now };
 }
 
 /** The newest `limit` messages of a room, ascending, and how many it holds in all. */

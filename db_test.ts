@@ -10,8 +10,10 @@ import { LibsqlBatchError, LibsqlError } from "@libsql/client";
 import {
   claimMessage,
   createRoom,
+  DatabaseUnavailable,
   Db,
   insertMessage,
+  isUnavailable,
   listMessages,
   listMessagesJson,
   type Message,
@@ -26,7 +28,57 @@ Deno.test("file: URLs name the file node:sqlite opens", () => {
   assert.equal(sqlitePath("file:sync.db"), "sync.db");
   assert.equal(sqlitePath("file:/tmp/a b.db"), "/tmp/a b.db");
   assert.equal(sqlitePath("file:///tmp/a%20b.db"), "/tmp/a b.db");
+  assert.equal(sqlitePath("file://localhost/tmp/a.db"), "/tmp/a.db");
   assert.equal(sqlitePath(":memory:"), ":memory:");
+  // What would silently open something else is refused.
+  for (
+    const url of [
+      "file:",
+      "file:sync.db?mode=ro",
+      "file://sync.db",
+      "file:/tmp/",
+    ]
+  ) {
+    assert.throws(() => sqlitePath(url), Error, url);
+  }
+});
+
+Deno.test("only database errors count as the database being unavailable", () => {
+  assert.equal(isUnavailable(new TypeError("x is undefined")), false);
+  assert.equal(isUnavailable(new DOMException("aborted")), false);
+  assert.equal(isUnavailable(new LibsqlError("full", "SQLITE_FULL")), true);
+  assert.equal(
+    isUnavailable(new LibsqlError("unique", "SQLITE_CONSTRAINT")),
+    false,
+  );
+  assert.equal(isUnavailable(new DatabaseUnavailable(new TypeError())), true);
+});
+
+Deno.test({
+  name: "closing the database commits the writes still waiting for their group",
+  ignore: TEST_DATABASE !== "embedded",
+}, async () => {
+  const dir = await Deno.makeTempDir();
+  const url = `file:${dir}/close.db`;
+  try {
+    const db = new Db({ url });
+    await createRoom(db, ROOM);
+    const client = await db.client();
+    const writes = Array.from({ length: 20 }, (_, i) =>
+      client.execute({
+        sql: `INSERT INTO messages (room_id, kind, body, created_at)
+              VALUES ('r', 'message', ?, 0)`,
+        args: [JSON.stringify(i)],
+      }));
+    db.close();
+    assert.equal((await Promise.all(writes)).length, 20);
+    const again = new Db({ url });
+    const read = await listMessages(again, "r", { limit: 100, order: "asc" });
+    assert.deepEqual(read.map((m) => m.body), [...Array(20).keys()]);
+    again.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
 
 Deno.test("writes issued together commit together, and one failing write fails alone", async () => {

@@ -42,13 +42,30 @@ export function openSqlite(url: string): Driver {
   return new SqliteDriver(new DatabaseSync(sqlitePath(url)));
 }
 
-/** The file name of a `file:` URL (`file:a.db`, `file:///tmp/a.db`), or `:memory:`. */
+/**
+ * The file name of a `file:` URL (`file:a.db`, `file:///tmp/a.db`), or `:memory:`.
+ * Throws for what would silently open something else: no path (a private temporary
+ * database), a query string (it would become part of the name), a host.
+ */
 export function sqlitePath(url: string): string {
   if (url === ":memory:") return url;
-  if (url.startsWith("file://")) {
-    return decodeURIComponent(new URL(url).pathname);
+  if (url.includes("?")) {
+    throw new Error(
+      "a file: URL takes no query string (options are not supported)",
+    );
   }
-  return url.slice("file:".length);
+  let path = url.slice("file:".length);
+  if (url.startsWith("file://")) {
+    const parsed = new URL(url);
+    if (parsed.host !== "" && parsed.host !== "localhost") {
+      throw new Error(`a file: URL names no host (got "${parsed.host}")`);
+    }
+    path = decodeURIComponent(parsed.pathname);
+  }
+  if (path === "" || path.endsWith("/")) {
+    throw new Error("a file: URL needs the path of a file");
+  }
+  return path;
 }
 
 /** A write waiting for the next group commit. */
@@ -59,6 +76,13 @@ type Pending = {
   resolve: (results: ResultSet[]) => void;
   reject: (error: unknown) => void;
 };
+
+/** A group's transaction can no longer be trusted: every write of it fails. */
+class GroupLost extends Error {
+  constructor(cause: unknown) {
+    super("A savepoint could not be set or undone", { cause });
+  }
+}
 
 /** The most writes one transaction takes; more wait for the next one. */
 const GROUP_LIMIT = 256;
@@ -109,51 +133,54 @@ class SqliteDriver implements Driver {
   /**
    * Runs the waiting writes in one `BEGIN IMMEDIATE` transaction. Each write succeeds or
    * fails alone (a failed statement undoes only itself; a batch rolls back to its
-   * savepoint); nobody hears of success before COMMIT has returned.
+   * savepoint). Nobody hears anything before the transaction has ended: after `COMMIT`
+   * the writes that applied succeed; if the transaction is lost (SQLite rolled it back,
+   * `COMMIT` failed, or a savepoint could not be undone), every write of it fails.
    */
   #commit(): void {
     const group = this.#pending.splice(0, GROUP_LIMIT);
     if (this.#pending.length > 0) setImmediate(() => this.#commit());
     else this.#scheduled = false;
+    const applied: { write: Pending; results: ResultSet[] }[] = [];
+    const refused: { write: Pending; error: unknown }[] = [];
     try {
       this.#db.exec("BEGIN IMMEDIATE");
+      for (const write of group) {
+        try {
+          applied.push({ write, results: this.#apply(write) });
+        } catch (error) {
+          if (error instanceof GroupLost) throw error.cause;
+          refused.push({ write, error });
+        }
+        if (!this.#db.isTransaction) {
+          // An error SQLite answers by rolling back the whole transaction (an I/O
+          // error, a full disk): nothing of it stands.
+          throw new LibsqlError(
+            "The transaction was rolled back",
+            "SQLITE_ABORT",
+          );
+        }
+      }
+      this.#db.exec("COMMIT");
     } catch (error) {
+      try {
+        if (this.#db.isOpen && this.#db.isTransaction) {
+          this.#db.exec("ROLLBACK");
+        }
+      } catch {
+        // The connection is beyond rolling back; every write below fails anyway.
+      }
       for (const write of group) write.reject(libsqlError(error));
       return;
     }
-    const done: { write: Pending; results: ResultSet[] }[] = [];
-    const rolledBack = new LibsqlError(
-      "The transaction was rolled back",
-      "SQLITE_ABORT",
-    );
-    for (const write of group) {
-      if (!this.#db.isTransaction) {
-        // An error SQLite answers by rolling back the whole transaction (an I/O
-        // error, a full disk): nothing of it stands.
-        write.reject(rolledBack);
-        continue;
-      }
-      try {
-        done.push({ write, results: this.#apply(write) });
-      } catch (error) {
-        write.reject(error);
-      }
-    }
-    if (!this.#db.isTransaction) {
-      for (const { write } of done) write.reject(rolledBack);
-      return;
-    }
-    try {
-      this.#db.exec("COMMIT");
-    } catch (error) {
-      if (this.#db.isTransaction) this.#db.exec("ROLLBACK");
-      for (const { write } of done) write.reject(libsqlError(error));
-      return;
-    }
-    for (const { write, results } of done) write.resolve(results);
+    for (const { write, results } of applied) write.resolve(results);
+    for (const { write, error } of refused) write.reject(error);
   }
 
-  /** One write inside the group's transaction; throws a libSQL-shaped error. */
+  /**
+   * One write inside the group's transaction; throws a libSQL-shaped error when it
+   * fails alone, `GroupLost` when its savepoint could not be set or undone.
+   */
   #apply(write: Pending): ResultSet[] {
     if (!write.batch) {
       try {
@@ -162,24 +189,34 @@ class SqliteDriver implements Driver {
         throw libsqlError(error);
       }
     }
-    this.#db.exec("SAVEPOINT batch");
+    this.#savepoint("SAVEPOINT batch");
     const results: ResultSet[] = [];
     for (const [index, stmt] of write.stmts.entries()) {
       try {
         results.push(this.#run(stmt));
       } catch (error) {
         if (this.#db.isTransaction) {
-          this.#db.exec("ROLLBACK TO batch");
-          this.#db.exec("RELEASE batch");
+          this.#savepoint("ROLLBACK TO batch");
+          this.#savepoint("RELEASE batch");
         }
         throw libsqlError(error, index);
       }
     }
-    this.#db.exec("RELEASE batch");
+    this.#savepoint("RELEASE batch");
     return results;
   }
 
+  #savepoint(sql: string): void {
+    try {
+      this.#db.exec(sql);
+    } catch (error) {
+      throw new GroupLost(error);
+    }
+  }
+
+  /** Commits the writes still waiting, then closes. */
   close(): void {
+    while (this.#pending.length > 0 && this.#db.isOpen) this.#commit();
     this.#cache.clear();
     if (this.#db.isOpen) this.#db.close();
   }
@@ -250,6 +287,7 @@ function bindable(value: InValue | undefined): Bindable {
 /** SQLite's primary result codes that callers tell apart (sqlite3.h). */
 const CODES: Record<number, string> = {
   1: "SQLITE_ERROR",
+  7: "SQLITE_NOMEM",
   5: "SQLITE_BUSY",
   6: "SQLITE_LOCKED",
   8: "SQLITE_READONLY",
@@ -257,9 +295,11 @@ const CODES: Record<number, string> = {
   11: "SQLITE_CORRUPT",
   13: "SQLITE_FULL",
   14: "SQLITE_CANTOPEN",
+  18: "SQLITE_TOOBIG",
   19: "SQLITE_CONSTRAINT",
   20: "SQLITE_MISMATCH",
   25: "SQLITE_RANGE",
+  26: "SQLITE_NOTADB",
 };
 
 /**
@@ -276,6 +316,8 @@ const BY_MESSAGE: [RegExp, string][] = [
   [/unable to open database/, "SQLITE_CANTOPEN"],
   [/constraint failed/, "SQLITE_CONSTRAINT"],
   [/not a database/, "SQLITE_NOTADB"],
+  // A write that reached a connection already closed (a drain racing a request).
+  [/database is not open/, "SQLITE_CANTOPEN"],
 ];
 
 /** A node:sqlite error as the libSQL client would raise it, so errors.ts maps both. */

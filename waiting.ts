@@ -112,15 +112,24 @@ export async function waitForMessages(
     ms: seconds * 1000,
     signal,
     check: async (recheckAt) => {
-      // Waiters on the same filter share one read per event (notify.ts, `shared`).
-      const page = await db.notifier.shared(
-        `messages ${roomId} ${JSON.stringify(filter)}`,
-        () => listMessagesJson(db, roomId, filter),
-      );
+      // Waiters on the same filter share one read per event (notify.ts, `shared`);
+      // not for `unclaimed`, which time alone changes (a lease running out).
+      const page = filter.unclaimed === undefined
+        ? await db.notifier.shared(
+          `messages ${roomId} ${JSON.stringify(filter)}`,
+          () => listMessagesJson(db, roomId, filter),
+        )
+        : await listMessagesJson(db, roomId, filter);
       if (page.count > 0) return page;
       if (filter.unclaimed === true) {
-        // A lease running out frees a message without any write.
-        const expiry = await nextLeaseExpiry(db, roomId, filter.after ?? 0);
+        // A lease running out frees a message without any write: the next one to
+        // lapse after the moment this page was read.
+        const expiry = await nextLeaseExpiry(
+          db,
+          roomId,
+          filter.after ?? 0,
+          page.now,
+        );
         if (expiry !== undefined) recheckAt(expiry + 1);
       }
       return undefined;
@@ -128,7 +137,7 @@ export async function waitForMessages(
     wakes: (event) => mayMatch(filter, event),
     verify,
   });
-  return found ?? { count: 0, json: "[]" };
+  return found ?? { count: 0, json: "[]", now: Date.now() };
 }
 
 /**

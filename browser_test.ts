@@ -16,6 +16,7 @@ import {
   type Page,
   type Request,
 } from "playwright-core";
+import { type Server, startServer } from "./testing.ts";
 
 const ROOT = new URL(".", import.meta.url).pathname;
 const CHROMIUM = "/usr/bin/chromium";
@@ -52,69 +53,6 @@ function chromiumPresent(): boolean {
 const SCRIPT = `<script>__pwned("script"); alert("script")</script>`;
 const IMG = `<img src=x onerror="__pwned('img'); alert('img')">`;
 const PAYLOAD = `before ${SCRIPT} middle ${IMG} after`;
-
-type Server = {
-  url: string;
-  /** What the process printed so far. */
-  output: () => string;
-  /** Sends a signal and waits for the process to exit. */
-  stop: (signal?: Deno.Signal) => Promise<Deno.CommandStatus>;
-};
-
-/** Runs `deno task start` with `env` and waits for it to listen (as in server_test.ts). */
-async function start(env: Record<string, string>): Promise<Server> {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["task", "start"],
-    cwd: ROOT,
-    env: { PORT: "0", HOST: "127.0.0.1", NO_COLOR: "1", ...env },
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  let output = "";
-  const stderr = child.stderr.pipeThrough(new TextDecoderStream()).pipeTo(
-    new WritableStream({ write: (text) => void (output += text) }),
-  );
-  const listening = Promise.withResolvers<{ url: string; pid: number }>();
-  const stdout = child.stdout.pipeThrough(new TextDecoderStream()).pipeTo(
-    new WritableStream({
-      write(text) {
-        output += text;
-        const match = output.match(
-          /listening on (http:\/\/127\.0\.0\.1:\d+) \(pid (\d+)\)/,
-        );
-        if (match) listening.resolve({ url: match[1], pid: Number(match[2]) });
-      },
-    }),
-  );
-  const exited = child.status.then((status) => {
-    listening.reject(
-      new Error(
-        `the server exited (${status.code}) before listening:\n${output}`,
-      ),
-    );
-    return status;
-  });
-  let pid = child.pid;
-  // Signals go to the server itself, not to `deno task`, which cannot forward SIGKILL.
-  const stop = async (signal: Deno.Signal = "SIGTERM") => {
-    try {
-      Deno.kill(pid, signal);
-    } catch {
-      // already gone
-    }
-    const status = await exited;
-    await Promise.all([stdout, stderr]);
-    return status;
-  };
-  try {
-    const server = await listening.promise;
-    pid = server.pid;
-    return { url: server.url, output: () => output, stop };
-  } catch (error) {
-    await stop("SIGKILL");
-    throw error;
-  }
-}
 
 /** A JSON call over HTTP, with an optional bearer token, that asserts the status. */
 async function call(
@@ -274,7 +212,7 @@ async function withViewer(
   let server: Server | undefined;
   let browser: Browser | undefined;
   try {
-    server = await start({
+    server = await startServer({
       DATABASE_URL: `file:${dir}/sync.db`,
       RATE_LIMIT: "0",
     });

@@ -34,6 +34,9 @@ export class Notifier {
   #timer?: ReturnType<typeof setInterval>;
   #polling = false;
   #failing = false;
+  /** Events published so far: a shared read is reused only while this stands still. */
+  #published = 0;
+  #reads = new Map<string, { published: number; result: Promise<unknown> }>();
   readonly #readRevs: (rooms: string[]) => Promise<Map<string, number>>;
   readonly #othersWrote?: () => Promise<boolean>;
 
@@ -80,9 +83,6 @@ export class Notifier {
     this.#published++;
     for (const listener of this.#listeners.get(room) ?? []) listener(event);
   }
-
-  #published = 0;
-  #reads = new Map<string, { published: number; result: Promise<unknown> }>();
 
   /**
    * Runs `read`, or hands out the result of the same read (`key`) that started since the

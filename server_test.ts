@@ -3,70 +3,9 @@
  * what only shows over a socket (persistence across restarts, SIGTERM, start-up errors).
  */
 import assert from "node:assert/strict";
+import { startServer } from "./testing.ts";
 
 const ROOT = new URL(".", import.meta.url).pathname;
-
-type Server = {
-  url: string;
-  /** Sends a signal and waits for the process to exit. */
-  stop: (signal?: Deno.Signal) => Promise<Deno.CommandStatus>;
-};
-
-/** Runs `deno task start` with `env` and waits for it to listen. */
-async function start(env: Record<string, string>): Promise<Server> {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["task", "start"],
-    cwd: ROOT,
-    env: { PORT: "0", HOST: "127.0.0.1", NO_COLOR: "1", ...env },
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  let output = "";
-  const stderr = child.stderr.pipeThrough(new TextDecoderStream()).pipeTo(
-    new WritableStream({ write: (text) => void (output += text) }),
-  );
-  const listening = Promise.withResolvers<{ url: string; pid: number }>();
-  const stdout = child.stdout.pipeThrough(new TextDecoderStream()).pipeTo(
-    new WritableStream({
-      write(text) {
-        output += text;
-        const match = output.match(
-          /listening on (http:\/\/127\.0\.0\.1:\d+) \(pid (\d+)\)/,
-        );
-        if (match) listening.resolve({ url: match[1], pid: Number(match[2]) });
-      },
-    }),
-  );
-  const exited = child.status.then((status) => {
-    listening.reject(
-      new Error(
-        `the server exited (${status.code}) before listening:\n${output}`,
-      ),
-    );
-    return status;
-  });
-  let pid = child.pid;
-  // Signals go to the server itself, not to `deno task`: SIGTERM would be forwarded,
-  // but SIGKILL cannot be, and would leave the server running.
-  const stop = async (signal: Deno.Signal = "SIGTERM") => {
-    try {
-      Deno.kill(pid, signal);
-    } catch {
-      // already gone
-    }
-    const status = await exited;
-    await Promise.all([stdout, stderr]);
-    return status;
-  };
-  try {
-    const server = await listening.promise;
-    pid = server.pid;
-    return { url: server.url, stop };
-  } catch (error) {
-    await stop("SIGKILL");
-    throw error;
-  }
-}
 
 /** Runs `deno task start` that is expected to exit by itself; returns its status and output. */
 async function startAndExit(env: Record<string, string>) {
@@ -141,7 +80,7 @@ type Message = {
 Deno.test("the seed agent loop with two agents survives a restart of deno task start", async () => {
   await withTempDir(async (dir) => {
     const env = { DATABASE_URL: `file:${dir}/sync.db` };
-    let server = await start(env);
+    let server = await startServer(env);
     const base = server.url;
     try {
       // 1. create or join the room: the first agent creates it, the second joins it.
@@ -219,7 +158,7 @@ Deno.test("the seed agent loop with two agents survives a restart of deno task s
       const status = await server.stop("SIGTERM");
       assert.equal(status.code, 0, "SIGTERM exits cleanly");
 
-      server = await start(env);
+      server = await startServer(env);
       assert.deepEqual(await everything(server.url), before);
       const next =
         (await call(server.url, "POST", "/rooms/crew/messages", 201, {
@@ -242,7 +181,7 @@ Deno.test("the seed agent loop with two agents survives a restart of deno task s
 Deno.test("SIGTERM lets an in-flight request finish before the process exits", async () => {
   await withTempDir(async (dir) => {
     const env = { DATABASE_URL: `file:${dir}/sync.db` };
-    const server = await start(env);
+    const server = await startServer(env);
     try {
       await call(server.url, "POST", "/rooms", 201, { id: "r" });
       // A request whose body is still arriving when SIGTERM lands.
@@ -277,7 +216,7 @@ Deno.test("SIGTERM lets an in-flight request finish before the process exits", a
     } finally {
       await server.stop("SIGKILL");
     }
-    const again = await start(env);
+    const again = await startServer(env);
     try {
       const messages =
         (await call(again.url, "GET", "/rooms/r/messages", 200)) as Message[];
@@ -308,7 +247,7 @@ function percentile(sorted: number[], p: number): number {
 
 Deno.test("a long-poll is held, woken within milliseconds by a write, and times out near the asked time", async () => {
   await withTempDir(async (dir) => {
-    const server = await start({ DATABASE_URL: `file:${dir}/sync.db` });
+    const server = await startServer({ DATABASE_URL: `file:${dir}/sync.db` });
     const base = server.url;
     try {
       await call(base, "POST", "/rooms", 201, { id: "r" });
@@ -386,7 +325,7 @@ async function readEvents(res: Response, count: number) {
 
 Deno.test("the SSE stream sends messages in order and Last-Event-ID resumes with no gap or duplicate", async () => {
   await withTempDir(async (dir) => {
-    const server = await start({ DATABASE_URL: `file:${dir}/sync.db` });
+    const server = await startServer({ DATABASE_URL: `file:${dir}/sync.db` });
     const base = server.url;
     try {
       await call(base, "POST", "/rooms", 201, { id: "r" });
@@ -428,8 +367,8 @@ Deno.test("the SSE stream sends messages in order and Last-Event-ID resumes with
 Deno.test("two instances on one database file: waiters are woken across them, CAS and claims stay exclusive", async () => {
   await withTempDir(async (dir) => {
     const env = { DATABASE_URL: `file:${dir}/sync.db` };
-    const a = await start(env);
-    const b = await start(env);
+    const a = await startServer(env);
+    const b = await startServer(env);
     try {
       await call(a.url, "POST", "/rooms", 201, { id: "r" });
       await call(b.url, "POST", "/rooms", 200, { id: "r" });
@@ -540,7 +479,7 @@ Deno.test("two instances on one database file: waiters are woken across them, CA
 
 Deno.test("SIGTERM ends open long-polls and streams at once and exits within a few seconds", async () => {
   await withTempDir(async (dir) => {
-    const server = await start({ DATABASE_URL: `file:${dir}/sync.db` });
+    const server = await startServer({ DATABASE_URL: `file:${dir}/sync.db` });
     const base = server.url;
     await call(base, "POST", "/rooms", 201, { id: "r" });
     await call(base, "PUT", "/rooms/r/state", 200, { key: "k", value: 1 });
@@ -579,7 +518,7 @@ Deno.test("SIGTERM ends open long-polls and streams at once and exits within a f
 
 Deno.test("SIGTERM exits even when a stream's client stopped reading", async () => {
   await withTempDir(async (dir) => {
-    const server = await start({ DATABASE_URL: `file:${dir}/sync.db` });
+    const server = await startServer({ DATABASE_URL: `file:${dir}/sync.db` });
     const base = server.url;
     await call(base, "POST", "/rooms", 201, { id: "r" });
     const { port } = new URL(base);

@@ -6,81 +6,11 @@
  */
 import assert from "node:assert/strict";
 import { createClient } from "@libsql/client";
+import { type Server, startServer } from "./testing.ts";
 
-const ROOT = new URL(".", import.meta.url).pathname;
-
-type Server = {
-  url: string;
-  /** Everything the process printed so far. */
-  output: () => string;
-  /** Sends a signal to the server itself and waits for the process to exit. */
-  stop: (signal?: Deno.Signal) => Promise<Deno.CommandStatus>;
-};
-
-/**
- * Runs `deno task start` with `env` (no rate limit, this machine only) and waits for it
- * to listen. Copied from server_test.ts, with the output kept for the failure messages.
- */
-async function start(env: Record<string, string>): Promise<Server> {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["task", "start"],
-    cwd: ROOT,
-    env: {
-      PORT: "0",
-      HOST: "127.0.0.1",
-      NO_COLOR: "1",
-      RATE_LIMIT: "0",
-      ...env,
-    },
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  let output = "";
-  const collect = (text: string) => void (output += text);
-  const stderr = child.stderr.pipeThrough(new TextDecoderStream()).pipeTo(
-    new WritableStream({ write: collect }),
-  );
-  const listening = Promise.withResolvers<{ url: string; pid: number }>();
-  const stdout = child.stdout.pipeThrough(new TextDecoderStream()).pipeTo(
-    new WritableStream({
-      write(text) {
-        collect(text);
-        const match = output.match(
-          /listening on (http:\/\/127\.0\.0\.1:\d+) \(pid (\d+)\)/,
-        );
-        if (match) listening.resolve({ url: match[1], pid: Number(match[2]) });
-      },
-    }),
-  );
-  const exited = child.status.then((status) => {
-    listening.reject(
-      new Error(
-        `the server exited (${status.code}) before listening:\n${output}`,
-      ),
-    );
-    return status;
-  });
-  let pid = child.pid;
-  // Signals go to the server itself, not to `deno task`: SIGKILL cannot be forwarded.
-  const stop = async (signal: Deno.Signal = "SIGTERM") => {
-    try {
-      Deno.kill(pid, signal);
-    } catch {
-      // already gone
-    }
-    const status = await exited;
-    await Promise.all([stdout, stderr]);
-    return status;
-  };
-  try {
-    const server = await listening.promise;
-    pid = server.pid;
-    return { url: server.url, output: () => output, stop };
-  } catch (error) {
-    await stop("SIGKILL");
-    throw error;
-  }
-}
+/** The real server, with no rate limit (the clients here are many and fast). */
+const start = (env: Record<string, string>) =>
+  startServer({ RATE_LIMIT: "0", ...env });
 
 async function withTempDir(fn: (dir: string) => Promise<void>) {
   const dir = await Deno.makeTempDir({ prefix: "sync-stress-test-" });
@@ -104,10 +34,10 @@ type Answer = {
   end: number;
 };
 
-/** Sends one JSON request; never throws. */
 /** Requests sent and not yet answered (or failed), across all clients. */
 let outstanding = 0;
 
+/** Sends one JSON request; never throws. */
 async function send(
   url: string,
   method: string,

@@ -4,8 +4,62 @@
  */
 import { ERRORS } from "./errors.ts";
 
+/** The OpenAPI document (openapi.ts), which the docs read their endpoint table from. */
+export type Api = { paths?: object };
+type Operation = {
+  summary?: string;
+  parameters?: { name: string; in: string; required?: boolean }[];
+  requestBody?: {
+    content: Record<string, { schema: JsonSchema }>;
+  };
+  responses: Record<string, { description: string }>;
+};
+type JsonSchema = { properties?: Record<string, unknown>; required?: string[] };
+
+/**
+ * The endpoint table, made from the route definitions (through the OpenAPI document)
+ * so that it lists every route as the server serves it.
+ */
+export function endpoints(api: Api): string {
+  const paths = (api.paths ?? {}) as Record<string, Record<string, Operation>>;
+  const rows = Object.entries(paths).flatMap(([path, operations]) =>
+    Object.entries(operations).map(([method, op]) => {
+      const route = `${method.toUpperCase()} ${
+        path.replace(/\{(\w+)\}/g, ":$1")
+      }`;
+      const schema = op.requestBody?.content["application/json"]?.schema;
+      const fields = (schema: JsonSchema) =>
+        Object.keys(schema.properties ?? {}).map((name) =>
+          schema.required?.includes(name) ? name : `${name}?`
+        ).join(", ");
+      const query = (op.parameters ?? []).filter((p) => p.in === "query")
+        .map((p) => `${p.name}=`).join("&");
+      const headers = (op.parameters ?? []).filter((p) => p.in === "header")
+        .map((p) => `header \`${p.name}\``);
+      const input = [
+        ...(schema ? [`\`{${fields(schema)}}\``] : []),
+        ...(query ? [`\`?${query}\``] : []),
+        ...headers,
+      ].join("; ");
+      const answers = Object.entries(op.responses)
+        .filter(([status]) => status.startsWith("2"))
+        .map(([status, answer]) => `${status} ${answer.description}`)
+        .join("; ");
+      const cells = [`\`${route}\``, op.summary ?? "", input, answers];
+      return `| ${
+        cells.map((cell) => cell.replaceAll("|", "\\|")).join(" | ")
+      } |`;
+    })
+  );
+  return [
+    "| method and path | what | body, query, headers | answer |",
+    "| --- | --- | --- | --- |",
+    ...rows,
+  ].join("\n");
+}
+
 /** The usage document, with `origin` as the base URL of every example. */
-export function usage(origin: string): string {
+export function usage(origin: string, api: Api): string {
   return `# sync
 
 Rooms where AI agents coordinate: register, exchange messages through an append-only
@@ -18,44 +72,30 @@ JSON in and out; send \`content-type: application/json\`.
 
 \`\`\`sh
 curl -s -X POST ${origin}/rooms -H 'content-type: application/json' -d '{"id":"demo"}'
+# → 201 {"id":"demo",…,"token":"room_…","view_token":"view_…"}
 curl -s -X POST ${origin}/rooms/demo/agents -H 'content-type: application/json' \\
   -d '{"id":"alice","name":"Alice","role":"planner"}'
+# → 201 {"id":"alice",…,"token":"as_…"}
 curl -s -X POST ${origin}/rooms/demo/messages -H 'content-type: application/json' \\
   -d '{"from":"alice","kind":"task","body":{"do":"write tests"}}'
+# → 201 {"id":1,…,"from_agent":"alice","kind":"task",…}
 curl -s "${origin}/rooms/demo/messages?after=0"
+# → 200 [{"id":1,…}]
+curl -s "${origin}/rooms/demo/messages?after=1&wait=1"
+# → 200 []: nothing after 1 within a second (wait up to 50 s for the next message)
 curl -s -X PUT ${origin}/rooms/demo/state -H 'content-type: application/json' \\
   -d '{"key":"phase","value":"build"}'
+# → 200 {…,"key":"phase","value":"build","version":1,…}
 \`\`\`
+
+\`# → STATUS …\` under a command is what it answers on a fresh server.
 
 The agent loop: create or join a room → register → \`GET messages?after=<last id>\` →
 post results → write state → repeat.
 
 ## Endpoints
 
-| method and path | body or query | answer |
-| --- | --- | --- |
-| \`POST /rooms\` | \`{id?, meta?, locked?}\` | 201 room with \`token\` and \`view_token\` (shown once); 200 with the room if the id exists |
-| \`GET /rooms\` | | 200 \`[room]\` |
-| \`GET /rooms/:id\` | | 200 \`{id, created_at, meta, locked}\` |
-| \`DELETE /rooms/:id\` | room token | 200 \`{deleted: true}\`: the room and everything in it |
-| \`GET /limits\` | | 200 the limits in force (body size, rate, batch size, wait) |
-| \`GET /rooms/:id/context\` | \`?messages=50\` | 200 \`{room, agents, state, messages: {items, total, next_after}}\`: all a late joiner needs |
-| \`GET /rooms/:id/stream\` | \`?after=0\` or \`Last-Event-ID\` | Server-Sent Events: \`message\` (SSE id = message id), a snapshot then \`ready\`, then \`state\`, \`agent\`, \`claim\`; \`end\` if access ends |
-| \`POST /rooms/:id/agents\` | \`{id?, name, role?, meta?, rotate_token?}\` | 201 agent with its \`token\` (shown once); again with its token: 200 |
-| \`GET /rooms/:id/agents\` | | 200 \`[agent]\` |
-| \`POST /rooms/:id/agents/:agent/heartbeat\` | \`{status?}\` | 200 agent; status is \`active\`, \`idle\`, \`busy\`, \`waiting\` or \`done\` |
-| \`POST /rooms/:id/messages\` | \`{from?, to?, kind?, body, reply_to?}\` | 201 message; header \`Idempotency-Key\` makes a retry safe |
-| \`GET /rooms/:id/messages\` | \`?after=0&limit=100&kind=a,b&from=&to=&for=&thread=&unclaimed=true&order=desc&before=&wait=0&agent=\` | 200 \`[message]\` |
-| \`POST /rooms/:id/messages/:mid/claim\` | \`{agent, lease?}\` | 200 \`{claimed: true, message}\`; 409 \`already_claimed\` |
-| \`POST /rooms/:id/messages/:mid/release\` | \`{agent}\` | 200 \`{released, message}\` |
-| \`PUT /rooms/:id/state\` | \`{scope?, key, value | increment, merge?, ttl?, if_version?}\` | 200 \`{room_id, scope, key, value, version, updated_at, expires_at}\` |
-| \`GET /rooms/:id/state\` | \`?scope=&key=&after_version=&wait=&agent=\` | 200 one entry when \`key\` is given (scope \`_shared\` by default), else a list |
-| \`DELETE /rooms/:id/state\` | \`{scope?, key, if_version?}\` | 200 \`{deleted: true}\` (\`false\` if absent) |
-| \`POST /rooms/:id/batch\` | \`{state?: [write], messages?: [message]}\` | 200 \`{state, messages}\`, all or nothing, at most 100 operations |
-| \`GET /healthz\` | | 200 \`{ok: true}\` when the database answers |
-| \`GET /README.md\`, \`GET /llms.txt\`, \`GET /SKILL.md\` | | these docs (SKILL.md with skill front matter) |
-| \`GET /openapi.json\` | | the OpenAPI 3.1 description, made from the schemas that validate requests |
-| \`POST /mcp\` | MCP (Streamable HTTP) | the same API as MCP tools; your Bearer token applies as here |
+${endpoints(api)}
 
 - Ids (rooms, agents, scopes, kinds): 1-128 characters of \`A-Z a-z 0-9 . _ : @ -\`.
   Omit \`id\` and the server makes a UUID. Agent ids are unique within a room.
@@ -115,11 +155,11 @@ ${
 }
 
 /** The docs as an agent skill: the front matter skill loaders read, then the usage. */
-export function skill(origin: string): string {
+export function skill(origin: string, api: Api): string {
   return `---
 name: sync
 description: Coordinate with other AI agents through ${origin}: rooms, an append-only message log read with an after cursor (with long-poll waits), claims for tasks, and versioned shared state with compare-and-set.
 ---
 
-${usage(origin)}`;
+${usage(origin, api)}`;
 }

@@ -1356,6 +1356,7 @@ test("the typed client hc<AppType> reaches the app", async ({ app }) => {
   assert.equal(created.status, 201);
   const posted = await client.rooms[":id"].messages.$post({
     param: { id: "typed" },
+    header: {},
     json: { body: { n: 1 } },
   });
   assert.equal(posted.status, 201);

@@ -1,19 +1,19 @@
 /**
- * Every input of the API as a zod schema, and the validators that apply them: a body,
- * query or path that does not match is a 400 with the one error shape, before any
- * handler runs.
+ * Every input and answer of the API as a zod schema (routes.ts puts them on the
+ * routes), and what a request that does not match them gets: a 400 with the one error
+ * shape, before any handler runs.
  */
-import type { Context, Env, MiddlewareHandler, ValidationTargets } from "hono";
+import type { MiddlewareHandler, ValidationTargets } from "hono";
 import { z } from "zod";
 import { STATUSES } from "./db.ts";
-import { ApiError } from "./errors.ts";
+import { ApiError, type ErrorCode, ERRORS } from "./errors.ts";
 
 // ---- building blocks ----
 
 /** Ids of rooms and agents, scopes and kinds (SPEC §1). */
 export const Id = z.string().regex(/^[A-Za-z0-9._:@-]{1,128}$/, {
   error: "must be 1-128 characters of A-Z a-z 0-9 . _ : @ -",
-});
+}).meta({ minLength: 1, maxLength: 128 });
 
 /** A JSON value, as `JSON.parse` gives it. */
 export type JsonValue =
@@ -39,12 +39,13 @@ function isJson(value: unknown): value is JsonValue {
  * `"__proto__"` member (fuzz_test.ts). Nesting is bounded separately
  * (`MAX_JSON_DEPTH`) before zod sees it, so the recursion here stays shallow.
  */
-const Json = z.unknown().refine(isJson, {
+// Not narrowed to JsonValue: answers typed from it stay `unknown`, as the rows are.
+export const Json = z.unknown().refine((value): boolean => isJson(value), {
   error: (issue) =>
     issue.input === undefined
       ? "is required"
       : "must be a JSON value (numbers must be finite)",
-}).meta({ description: "any JSON value" });
+}).meta({ id: "JsonValue", description: "Any JSON value" });
 
 /** A state key: any text without control characters. */
 /**
@@ -61,11 +62,24 @@ const Key = WellFormed.min(1).max(512).regex(/^\P{Cc}*$/u, {
 
 const Name = WellFormed.min(1).max(256);
 
-/** A non-negative integer in a query string. */
-const Count = z.string().regex(/^\d{1,15}$/, {
-  error: "must be a non-negative integer",
-})
-  .transform(Number);
+/** The largest id or count a query string takes (15 digits). */
+const MAX_COUNT = 999_999_999_999_999;
+
+/**
+ * A whole number in a query string or path, from `min` to `max`: the text is checked
+ * (no "1e3", no " 5"), then the number; OpenAPI shows it as the integer it is.
+ */
+function count(min = 0, max = MAX_COUNT) {
+  return z.string().regex(/^\d{1,15}$/, {
+    error: min > 0
+      ? "must be a positive integer"
+      : "must be a non-negative integer",
+  }).transform(Number).pipe(z.number().min(min).max(max))
+    .meta({ type: "integer", minimum: min, maximum: max });
+}
+
+/** A message id in a path or a Last-Event-ID header. */
+export const PathMessageId = count(1);
 
 // ---- bodies ----
 
@@ -213,26 +227,30 @@ export type Batch = z.infer<typeof Batch>;
 
 // ---- query strings and paths ----
 
+/** The longest a long-poll may be held, in seconds. */
+export const MAX_WAIT_SECONDS = 50;
+
+/** The most messages one read answers. */
+export const MAX_MESSAGES_PER_READ = 1000;
+
 /** Seconds to hold a long-poll: 0 to 50, fractions allowed. */
 const Wait = z.string().regex(/^\d{1,3}(\.\d{1,3})?$/, {
   error: "must be a number of seconds",
 })
-  .transform(Number).pipe(z.number().max(50));
-
-/** A positive id in a query string. */
-const QueryId = Count.pipe(z.number().min(1));
+  .transform(Number).pipe(z.number().max(MAX_WAIT_SECONDS))
+  .meta({ type: "number", minimum: 0, maximum: MAX_WAIT_SECONDS });
 
 export const ListMessages = z.strictObject({
-  after: Count.optional(),
-  before: QueryId.optional(),
-  limit: Count.pipe(z.number().min(1).max(1000)).optional(),
+  after: count().optional(),
+  before: count(1).optional(),
+  limit: count(1, MAX_MESSAGES_PER_READ).optional(),
   order: z.enum(["asc", "desc"]).optional(),
   kind: z.string().transform((s) => s.split(",")).pipe(z.array(Id).max(50))
     .optional(),
   from: Id.optional(),
   to: Id.optional(),
   for: Id.optional(),
-  thread: QueryId.optional(),
+  thread: count(1).optional(),
   unclaimed: z.enum(["true", "false"]).transform((s) => s === "true")
     .optional(),
   wait: Wait.optional(),
@@ -243,7 +261,7 @@ export type ListMessages = z.infer<typeof ListMessages>;
 export const GetState = z.strictObject({
   scope: Id.optional(),
   key: Key.optional(),
-  after_version: Count.optional(),
+  after_version: count().optional(),
   wait: Wait.optional(),
   agent: Id.optional(),
 }).superRefine((input, ctx) => {
@@ -261,103 +279,157 @@ export const GetState = z.strictObject({
 export type GetState = z.infer<typeof GetState>;
 
 export const GetContext = z.strictObject({
-  messages: Count.pipe(z.number().max(1000)).optional(),
+  messages: count(0, MAX_MESSAGES_PER_READ).optional(),
 });
 
 export const GetStream = z.strictObject({
-  after: Count.optional(),
+  after: count().optional(),
 });
 
 export const ViewerQuery = z.strictObject({ room: Id.optional() });
+
+/** Idempotency-Key values: printable ASCII, 1-255 characters. */
+export const IdempotencyKey = z.string().regex(/^[\x21-\x7e]{1,255}$/, {
+  error: "must be 1-255 printable ASCII characters without spaces",
+}).meta({ minLength: 1, maxLength: 255 });
+
+/** A Last-Event-ID header: the id of the last message a stream delivered. */
+export const LastEventId = count();
+
+// ---- answers ----
+
+const Time = z.string().meta({
+  description: "ISO 8601 UTC",
+  format: "date-time",
+});
+export const RoomOut = z.object({
+  id: z.string(),
+  created_at: Time,
+  meta: Json,
+  locked: z.boolean(),
+});
+export const NewRoomOut = RoomOut.extend({
+  token: z.string().describe("room admin token, shown once"),
+  view_token: z.string().describe("read-only token, shown once"),
+});
+export const AgentOut = z.object({
+  id: z.string(),
+  room_id: z.string(),
+  name: z.string(),
+  role: z.string(),
+  joined_at: Time,
+  meta: Json,
+  status: z.enum(STATUSES),
+  last_seen: Time,
+  idle_ms: z.number().int(),
+  token: z.string().optional().describe("the agent's token, shown when issued"),
+});
+export const MessageOut = z.object({
+  id: z.number().int(),
+  room_id: z.string(),
+  from_agent: z.string().nullable(),
+  to_agent: z.string().nullable(),
+  kind: z.string(),
+  body: Json,
+  created_at: Time,
+  reply_to: z.number().int().nullable(),
+  claimed_by: z.string().nullable(),
+  claimed_at: Time.nullable(),
+  lease_expires_at: Time.nullable(),
+});
+export const EntryOut = z.object({
+  room_id: z.string(),
+  scope: z.string(),
+  key: z.string(),
+  value: Json,
+  version: z.number().int(),
+  updated_at: Time,
+  expires_at: Time.nullable(),
+});
+export const ContextOut = z.object({
+  room: RoomOut,
+  agents: z.array(AgentOut),
+  state: z.array(EntryOut),
+  messages: z.object({
+    items: z.array(MessageOut),
+    total: z.number().int(),
+    next_after: z.number().int(),
+  }),
+});
+/** A batch's answer for a deleted key. */
+export const DeletedOut = z.object({
+  room_id: z.string(),
+  scope: z.string(),
+  key: z.string(),
+  deleted: z.boolean(),
+});
+export const ErrorOut = z.object({
+  error: z.enum(Object.keys(ERRORS) as [ErrorCode, ...ErrorCode[]]),
+  message: z.string(),
+  docs: z.string(),
+}).catchall(z.unknown()).meta({ id: "Error" });
 
 // ---- validators ----
 
 /** How deep a JSON body may nest. */
 export const MAX_JSON_DEPTH = 64;
 
-type Validated<Target extends keyof ValidationTargets, T extends z.ZodType> = {
-  in: { [K in Target]: z.input<T> };
-  out: { [K in Target]: z.output<T> };
-};
-
 /**
- * A middleware that reads one part of the request, parses it with `schema` and hands
- * the result to `c.req.valid(target)`; on a mismatch it throws 400 `invalid_request`.
+ * Reads the body of a route that takes JSON, before its schema is checked. Agents
+ * forget the content type (curl -d sends a form type), so the body is read as JSON
+ * whatever its type, and the request is told it is JSON; an empty body counts as
+ * `{}`; nesting deeper than `MAX_JSON_DEPTH` is refused before zod recurses into it.
  */
-function validate<
-  Target extends keyof ValidationTargets,
-  T extends z.ZodType,
-  E extends Env,
-  P extends string,
->(
-  target: Target,
-  schema: T,
-  read: (c: Context<E, P>) => unknown,
-): MiddlewareHandler<E, P, Validated<Target, T>> {
-  const where = target === "json"
-    ? "request body"
-    : target === "param"
-    ? "path"
-    : "query";
-  return async (c, next) => {
-    const data = parse(
-      schema,
-      await read(c),
-      where,
-    ) as ValidationTargets[Target];
-    c.req.addValidatedData(target, data);
-    await next();
-  };
-}
-
-/**
- * Validates the JSON body. Hono's own json validator skips bodies sent without a JSON
- * content type (curl -d sends a form type), and agents forget the header, so the body
- * is read as JSON whatever its type; an empty body counts as `{}`.
- */
-export function body<
-  T extends z.ZodType,
-  E extends Env = Env,
-  P extends string = string,
->(
-  schema: T,
-): MiddlewareHandler<E, P, Validated<"json", T>> {
-  return validate("json", schema, async (c) => {
-    const text = await c.req.text();
-    if (text.trim() === "") return {};
-    let value: unknown;
+export const jsonBody: MiddlewareHandler = async (c, next) => {
+  const type = c.req.header("content-type");
+  if (type === undefined || !/^application\/json\s*(;|$)/i.test(type)) {
+    const headers = new Headers(c.req.raw.headers);
+    headers.set("content-type", "application/json");
+    c.req.raw = new Request(c.req.raw, { headers });
+  }
+  const text = await c.req.text();
+  let value: unknown = {};
+  if (text.trim() !== "") {
     try {
       value = JSON.parse(text);
     } catch {
-      throw new ApiError(
-        "invalid_json",
-        "The request body is not valid JSON",
-      );
+      throw new ApiError("invalid_json", "The request body is not valid JSON");
     }
-    if (depth(value) > MAX_JSON_DEPTH) {
-      throw new ApiError(
-        "invalid_request",
-        `Invalid request body: JSON nests deeper than ${MAX_JSON_DEPTH} levels`,
-      );
-    }
-    return value;
-  });
-}
+  }
+  if (depth(value) > MAX_JSON_DEPTH) {
+    throw new ApiError(
+      "invalid_request",
+      `Invalid request body: JSON nests deeper than ${MAX_JSON_DEPTH} levels`,
+    );
+  }
+  // The route's validator asks for the body as JSON: it gets this value, parsed once.
+  c.req.json = <T>() => Promise.resolve(value as T);
+  await next();
+};
 
-/** Validates the query string; a repeated parameter arrives as an array and fails. */
-export function query<
-  T extends z.ZodType,
-  E extends Env = Env,
-  P extends string = string,
->(
-  schema: T,
-): MiddlewareHandler<E, P, Validated<"query", T>> {
-  return validate("query", schema, (c) =>
-    Object.fromEntries(
-      Object.entries(c.req.queries()).map((
-        [k, v],
-      ) => [k, v.length === 1 ? v[0] : v]),
-    ));
+const WHERE: Record<keyof ValidationTargets, string> = {
+  json: "request body",
+  form: "request body",
+  query: "query",
+  param: "path",
+  header: "header",
+  cookie: "cookie",
+};
+
+/**
+ * What every route does with input that does not match its schema: 400
+ * `invalid_request` naming the first bad field (`OpenAPIHono`'s `defaultHook`).
+ */
+export function refuseInvalid(
+  result: {
+    target: keyof ValidationTargets;
+    success: boolean;
+    error?: unknown;
+  },
+): void {
+  if (!result.success && result.error instanceof z.ZodError) {
+    throw invalid(result.error, WHERE[result.target]);
+  }
 }
 
 /** Parses with a schema or throws 400 `invalid_request` naming the first bad field. */
@@ -368,14 +440,19 @@ export function parse<T extends z.ZodType>(
 ): z.output<T> {
   const result = schema.safeParse(value);
   if (result.success) return result.data;
+  throw invalid(result.error, where);
+}
+
+/** 400 `invalid_request` naming the first bad field of `error`. */
+function invalid(error: z.ZodError, where: string): ApiError {
   // An unknown field first: it is usually a misspelling of the field reported missing.
-  const issues = result.error.issues
+  const issues = error.issues
     .toSorted((a, b) =>
       Number(b.code === "unrecognized_keys") -
       Number(a.code === "unrecognized_keys")
     )
     .map((issue) => describe(issue, where));
-  throw new ApiError(
+  return new ApiError(
     "invalid_request",
     `Invalid ${where}: ${issues[0].message}`,
     {
@@ -389,7 +466,7 @@ function describe(
   issue: z.core.$ZodIssue,
   where: string,
 ): { field: string; message: string } {
-  const noun = where === "query" ? "parameter" : "field";
+  const noun = where === "request body" ? "field" : "parameter";
   if (issue.code === "unrecognized_keys") {
     const field = [...issue.path, issue.keys[0]].join(".");
     return { field, message: `unknown ${noun} "${field}"` };

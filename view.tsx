@@ -6,7 +6,6 @@
 import type { Child } from "hono/jsx";
 import { raw } from "hono/html";
 import type { Agent, Message, Room, StateEntry } from "./db.ts";
-import { usage } from "./docs.ts";
 
 const STYLE = `
 :root { color-scheme: light dark; --line: #8884; --muted: #888; --accent: #2a7ae2; }
@@ -52,7 +51,7 @@ function Layout(props: { title: string; nonce: string; children: Child }) {
 }
 
 /** The page a browser gets at `/` without a room. */
-export function Landing(props: { origin: string; nonce: string }) {
+export function Landing(props: { docs: string; nonce: string }) {
   return (
     <Layout title="sync" nonce={props.nonce}>
       <h1>sync</h1>
@@ -62,7 +61,7 @@ export function Landing(props: { origin: string; nonce: string }) {
         <button type="submit">Open</button>
       </form>
       <h2>Usage</h2>
-      <pre>{usage(props.origin)}</pre>
+      <pre>{props.docs}</pre>
     </Layout>
   );
 }

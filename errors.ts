@@ -134,15 +134,19 @@ export function docsLink(origin: string, code: ErrorCode): string {
   return `${origin}/README.md#${SECTION[code] ?? "errors"}`;
 }
 
-/** The JSON response for an error, with a link to the docs that explain it. */
-export function errorResponse(c: Context, error: ApiError): Response {
-  const docs = docsLink(new URL(c.req.url).origin, error.code);
-  return c.json({
+/** The one error body: code, sentence, details, and the docs link on `origin`. */
+export function errorBody(origin: string, error: ApiError) {
+  return {
     error: error.code,
     message: error.message,
     ...error.details,
-    docs,
-  }, error.status);
+    docs: docsLink(origin, error.code),
+  };
+}
+
+/** The JSON response for an error, with a link to the docs that explain it. */
+export function errorResponse(c: Context, error: ApiError): Response {
+  return c.json(errorBody(new URL(c.req.url).origin, error), error.status);
 }
 
 /** 404 `room_not_found` for a room id. */

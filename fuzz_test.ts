@@ -1274,8 +1274,22 @@ function judge(wire: Wire, answer: Answer): void {
   }
   const mcp = wire.pathname === "/mcp";
   if (mcp && isRecord(body) && isRecord(body.result)) {
-    // A tool call is an in-process REST request: its errors must be REST's 4xx too.
-    const inner = body.result.structuredContent;
+    // A tool call is an in-process REST request: its errors must be REST's 4xx too,
+    // carried as the text of an isError result (no structured content).
+    const result = body.result;
+    const text = Array.isArray(result.content) && isRecord(result.content[0])
+      ? result.content[0].text
+      : undefined;
+    const inner = result.isError === true && typeof text === "string"
+      ? JSON.parse(text)
+      : undefined;
+    assert.ok(
+      result.isError !== true || result.structuredContent === undefined,
+      `A tool error carries structured content: ${what}`,
+    );
+    if (result.isError === true) {
+      assert.ok(isRecord(inner) && typeof inner.error === "string", what);
+    }
     if (isRecord(inner) && inner.error !== undefined) {
       assertErrorShape(
         ERRORS[inner.error as ErrorCode]?.[0] ?? 0,

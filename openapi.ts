@@ -6,15 +6,6 @@
 import type { OpenAPIHono } from "@hono/zod-openapi";
 import { ErrorOut } from "./schemas.ts";
 
-// Until mcp.ts imports them from schemas.ts, where they are defined.
-export {
-  AgentOut,
-  ContextOut,
-  EntryOut,
-  MessageOut,
-  RoomOut,
-} from "./schemas.ts";
-
 // deno-lint-ignore no-explicit-any
 type App = OpenAPIHono<any, any, any>;
 

@@ -442,6 +442,26 @@ Deno.test({
                 }),
               page.locator("#a-carol").filter({ hasText: "Carol" }),
             );
+            // A task's status as it changes: held, then done.
+            delays.claim = await timeLive(
+              () =>
+                call(base, "POST", "/rooms/crew/messages/3/claim", 200, {
+                  agent: "bob",
+                  lease: 60,
+                }),
+              page.locator("#m-3 .claim.held").filter({
+                hasText: "claimed by bob",
+              }),
+            );
+            delays.complete = await timeLive(
+              () =>
+                call(base, "POST", "/rooms/crew/messages/3/complete", 200, {
+                  agent: "bob",
+                }),
+              page.locator("#m-3 .claim.done").filter({
+                hasText: "done by bob",
+              }),
+            );
             // Still the one page load: nothing above reloaded it.
             assert.equal(loads, 1);
             assert.equal(await page.locator("#messages li").count(), 3);

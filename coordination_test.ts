@@ -7,38 +7,10 @@
 import assert from "node:assert/strict";
 import { type Agent, Db, type Message, type StateEntry } from "./db.ts";
 import { createApp } from "./main.ts";
-import { freshDb } from "./testing.ts";
+import { type Call, caller, freshDb, type Reply, times } from "./testing.ts";
 
-type Reply = { status: number; body: unknown; headers: Headers };
-type Call = (
-  method: string,
-  path: string,
-  body?: unknown,
-  headers?: Record<string, string>,
-) => Promise<Reply>;
 type App = ReturnType<typeof createApp>;
 type Api = { app: App; db: Db; call: Call };
-
-/** Calls the app; `body` is sent as JSON unless it is already a string. */
-function caller(app: App): Call {
-  return async (method, path, body, headers = {}) => {
-    const res = await app.request(path, {
-      method,
-      headers: { "content-type": "application/json", ...headers },
-      body: body === undefined
-        ? undefined
-        : typeof body === "string"
-        ? body
-        : JSON.stringify(body),
-    });
-    const type = res.headers.get("content-type") ?? "";
-    return {
-      status: res.status,
-      body: type.includes("json") ? await res.json() : await res.text(),
-      headers: res.headers,
-    };
-  };
-}
 
 /**
  * A test with its own app on a fresh database (`:memory:`, or behind the Hrana test
@@ -56,66 +28,6 @@ function test(name: string, fn: (api: Api) => Promise<void>) {
       await close();
     }
   });
-}
-
-const ISO = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/;
-
-const TIME_FIELDS = [
-  "created_at",
-  "joined_at",
-  "updated_at",
-  "last_seen",
-  "claimed_at",
-  "lease_expires_at",
-  "expires_at",
-];
-
-/**
- * Checks every time field is ISO 8601 UTC (or null) and replaces it with "<time>", and
- * `idle_ms` with "<ms>", and an error's `message` with "<message>" once it is checked
- * to be a sentence: what is left can be compared whole.
- */
-function times(value: unknown): unknown {
-  if (Array.isArray(value)) return value.map(times);
-  if (value === null || typeof value !== "object") return value;
-  if ("error" in value && "docs" in value) {
-    // Every error links to its docs section (checked in openapi_test.ts); compared apart.
-    const { docs, ...rest } = value as Record<string, unknown>;
-    assert.match(String(docs), /^https?:\/\/[^/]+\/README\.md#[a-z-]+$/);
-    return times(rest);
-  }
-  const isError = "error" in value;
-  return Object.fromEntries(
-    Object.entries(value).map(([k, v]) => {
-      if (TIME_FIELDS.includes(k) && v !== null) {
-        assert.match(String(v), ISO, `${k} is ISO 8601 UTC`);
-        return [k, "<time>"];
-      }
-      if (k === "token" || k === "view_token") {
-        assert.match(
-          String(v),
-          /^(room|view|as)_[A-Za-z0-9_-]{43}$/,
-          `${k} is a token`,
-        );
-        return [k, "<token>"];
-      }
-      if (k === "idle_ms") {
-        assert.ok(
-          typeof v === "number" && v >= 0,
-          "idle_ms is a count of milliseconds",
-        );
-        return [k, "<ms>"];
-      }
-      if (isError && k === "message") {
-        assert.ok(
-          typeof v === "string" && v.length > 10,
-          "an error message says what went wrong",
-        );
-        return [k, "<message>"];
-      }
-      return [k, times(v)];
-    }),
-  );
 }
 
 /** A state entry of room "r" as `times()` leaves it. */
@@ -155,6 +67,11 @@ function message(
     claimed_by: null,
     claimed_at: null,
     lease_expires_at: null,
+    status: "open",
+    attempts: 0,
+    max_attempts: null,
+    done_at: null,
+    done_by: null,
     ...more,
   };
 }
@@ -1476,6 +1393,8 @@ test("POST claim gives a message to an agent for a lease", async ({ call }) => {
     claimed_by: "w1",
     claimed_at: "<time>",
     lease_expires_at: "<time>",
+    status: "held",
+    attempts: 1,
   });
   assert.deepEqual(times(res.body), { claimed: true, message: claimed });
   const held = (res.body as Claimed).message;
@@ -1491,7 +1410,12 @@ test("a claim without lease holds until released", async ({ call }) => {
   const res = await call("POST", "/rooms/r/messages/1/claim", { agent: "w1" });
   assert.deepEqual(times(res.body), {
     claimed: true,
-    message: message(1, "job", { claimed_by: "w1", claimed_at: "<time>" }),
+    message: message(1, "job", {
+      claimed_by: "w1",
+      claimed_at: "<time>",
+      status: "held",
+      attempts: 1,
+    }),
   });
 });
 
@@ -1553,7 +1477,7 @@ test("an expired lease frees the message: it reads as free and another agent can
   await call("POST", "/rooms/r/messages/1/claim", { agent: "w1", lease: 0.1 });
   await sleep(150);
   assert.deepEqual(times((await call("GET", "/rooms/r/messages")).body), [
-    message(1, "job"),
+    message(1, "job", { attempts: 1 }),
   ]);
   const res = await call("POST", "/rooms/r/messages/1/claim", {
     agent: "w2",
@@ -1566,6 +1490,8 @@ test("an expired lease frees the message: it reads as free and another agent can
       claimed_by: "w2",
       claimed_at: "<time>",
       lease_expires_at: "<time>",
+      status: "held",
+      attempts: 2,
     }),
   });
 });
@@ -1594,7 +1520,7 @@ test("release: the holder frees it, another agent is 409, a free message is rele
   assert.equal(released.status, 200);
   assert.deepEqual(times(released.body), {
     released: true,
-    message: message(1, "job"),
+    message: message(1, "job", { attempts: 1 }),
   });
   const again = await call("POST", "/rooms/r/messages/1/release", {
     agent: "w1",
@@ -1602,7 +1528,7 @@ test("release: the holder frees it, another agent is 409, a free message is rele
   assert.equal(again.status, 200);
   assert.deepEqual(times(again.body), {
     released: false,
-    message: message(1, "job"),
+    message: message(1, "job", { attempts: 1 }),
   });
   const reclaim = await call("POST", "/rooms/r/messages/1/claim", {
     agent: "w2",
@@ -1985,7 +1911,9 @@ test("a waiter for unclaimed tasks is woken when a claim is released", async ({ 
       ),
     ])
   );
-  assert.deepEqual(times(res.body), [message(1, "job", { kind: "task" })]);
+  assert.deepEqual(times(res.body), [
+    message(1, "job", { kind: "task", attempts: 1 }),
+  ]);
   assert.ok(elapsed < 1000, `answered in ${Math.round(elapsed)} ms`);
 });
 
@@ -2070,7 +1998,9 @@ test("a waiter for unclaimed messages answers when a lease runs out", async ({ c
   const [res, elapsed] = await timed(() =>
     call("GET", "/rooms/r/messages?kind=task&unclaimed=true&wait=1.5")
   );
-  assert.deepEqual(times(res.body), [message(1, "job", { kind: "task" })]);
+  assert.deepEqual(times(res.body), [
+    message(1, "job", { kind: "task", attempts: 1 }),
+  ]);
   assert.ok(elapsed < 1000, `answered after ${Math.round(elapsed)} ms`);
 });
 
@@ -2517,6 +2447,26 @@ test("GET stream sends the messages after N as message events with their ids, th
     const seen = await events.until((e) => e.id === String(posted.id));
     assert.deepEqual(seen.filter(isMessage).map((e) => e.id), ["4"]);
     assert.deepEqual(JSON.parse(seen.at(-1)!.data), posted);
+  });
+});
+
+test("GET stream?status= sends only messages in those statuses; claim events carry every status change", async (api) => {
+  const { call } = api;
+  const open = await post(call, { kind: "task", body: "open" });
+  const done = await post(call, { kind: "task", body: "done" });
+  await call("POST", `/rooms/r/messages/${done.id}/claim`, { agent: "w" });
+  await call("POST", `/rooms/r/messages/${done.id}/complete`, { agent: "w" });
+  await withStream(api, "/rooms/r/stream?status=open", {}, async (events) => {
+    const snapshot = await events.until((e) => e.event === "ready");
+    assert.deepEqual(snapshot.filter(isMessage).map((e) => e.id), [
+      String(open.id),
+    ]);
+    await call("POST", `/rooms/r/messages/${open.id}/claim`, { agent: "w" });
+    const [claim] = await events.until((e) => e.event === "claim");
+    assert.equal(JSON.parse(claim.data).status, "held");
+    const next = await post(call, { kind: "task", body: "new" });
+    const seen = await events.until(isMessage);
+    assert.equal(seen.at(-1)!.id, String(next.id));
   });
 });
 

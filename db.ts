@@ -53,6 +53,14 @@ export type Agent = {
   /** Milliseconds since `last_seen`, computed when read. */
   idle_ms: number;
 };
+/**
+ * Where a message stands as a task: `open` (no live claim), `held` (claimed, the lease
+ * has not run out), `done` (completed), `dead` (its last allowed attempt was released
+ * or lapsed). Computed when read: a lease runs out without any write.
+ */
+export const TASK_STATUSES = ["open", "held", "done", "dead"] as const;
+export type TaskStatus = typeof TASK_STATUSES[number];
+
 export type Message = {
   id: number;
   room_id: string;
@@ -65,6 +73,12 @@ export type Message = {
   claimed_by: string | null;
   claimed_at: string | null;
   lease_expires_at: string | null;
+  status: TaskStatus;
+  /** Claims so far (renewing a live claim is not another). */
+  attempts: number;
+  max_attempts: number | null;
+  done_at: string | null;
+  done_by: string | null;
 };
 export type StateEntry = {
   room_id: string;
@@ -81,7 +95,17 @@ export type StateEntry = {
  * from version i+1 to i+2. A new database runs `schema.sql` and then every entry, so
  * `schema.sql` itself never changes shape.
  */
-export const MIGRATIONS: string[][] = [];
+export const MIGRATIONS: string[][] = [
+  // 2: the task lifecycle. A message claimed before counts one attempt; one claimed
+  // forever without a lease stays held.
+  [
+    "ALTER TABLE messages ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE messages ADD COLUMN max_attempts INTEGER",
+    "ALTER TABLE messages ADD COLUMN done_at INTEGER",
+    "ALTER TABLE messages ADD COLUMN done_by TEXT",
+    "UPDATE messages SET attempts = 1 WHERE claimed_by IS NOT NULL",
+  ],
+];
 
 /** Busy timeout for local files: a writer waits this long for another one (ms). */
 const BUSY_TIMEOUT_MS = 5000;
@@ -402,6 +426,8 @@ function toMessage(row: Row, now = Date.now()): Message {
     ? null
     : Number(row.lease_expires_at);
   const held = row.claimed_by !== null && (lease === null || lease > now);
+  const attempts = Number(row.attempts);
+  const max = row.max_attempts === null ? null : Number(row.max_attempts);
   return {
     id: Number(row.id),
     room_id: String(row.room_id),
@@ -414,6 +440,17 @@ function toMessage(row: Row, now = Date.now()): Message {
     claimed_by: held ? String(row.claimed_by) : null,
     claimed_at: held ? isoOrNull(row.claimed_at) : null,
     lease_expires_at: held ? isoOrNull(row.lease_expires_at) : null,
+    status: row.done_at !== null
+      ? "done"
+      : held
+      ? "held"
+      : max !== null && attempts >= max
+      ? "dead"
+      : "open",
+    attempts,
+    max_attempts: max,
+    done_at: isoOrNull(row.done_at),
+    done_by: textOrNull(row.done_by),
   };
 }
 
@@ -717,7 +754,18 @@ export async function nextLeaseExpiry(
 
 const MESSAGE_COLUMNS =
   "id, room_id, from_agent, to_agent, kind, body, created_at, " +
-  "reply_to, claimed_by, claimed_at, lease_expires_at";
+  "reply_to, claimed_by, claimed_at, lease_expires_at, " +
+  "attempts, max_attempts, done_at, done_by";
+
+/** A live claim, in SQL; its `?` is the time (ms) leases are judged at. */
+const HELD =
+  "(claimed_by IS NOT NULL AND (lease_expires_at IS NULL OR lease_expires_at > ?))";
+
+/** A message's task status in SQL, as `toMessage` computes it; one `?`: the time. */
+const STATUS_SQL = `(CASE WHEN done_at IS NOT NULL THEN 'done'
+  WHEN ${HELD} THEN 'held'
+  WHEN max_attempts IS NOT NULL AND attempts >= max_attempts THEN 'dead'
+  ELSE 'open' END)`;
 
 /** A message to append; `reply_to` must name a message of the same room. */
 export type NewMessage = {
@@ -726,6 +774,8 @@ export type NewMessage = {
   kind: string;
   body: unknown;
   reply_to: number | null;
+  /** Claims allowed before the message is dead (null: no limit). */
+  max_attempts: number | null;
 };
 
 /** Inserts the message only if what it replies to exists in the room (else no row). */
@@ -736,8 +786,9 @@ function insertMessageStatement(
 ): InStatement {
   return {
     sql:
-      `INSERT INTO messages (room_id, from_agent, to_agent, kind, body, created_at, reply_to)
-          SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7
+      `INSERT INTO messages (room_id, from_agent, to_agent, kind, body, created_at, reply_to,
+            max_attempts)
+          SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8
           WHERE ?7 IS NULL OR EXISTS (SELECT 1 FROM messages WHERE id = ?7 AND room_id = ?1)
           RETURNING ${MESSAGE_COLUMNS}`,
     args: [
@@ -748,6 +799,7 @@ function insertMessageStatement(
       JSON.stringify(m.body),
       now,
       m.reply_to,
+      m.max_attempts,
     ],
   };
 }
@@ -781,7 +833,7 @@ export async function insertMessage(
         sql: `UPDATE idempotency SET status = 201, response = (
                 SELECT ${MESSAGE_JSON} FROM messages WHERE id = last_insert_rowid()
               ) WHERE room_id = ? AND key = ?`,
-        args: [now, now, now, roomId, idempotency.key],
+        args: [...messageJsonArgs(now), roomId, idempotency.key],
       },
     ];
     try {
@@ -826,8 +878,8 @@ export type MessageFilter = {
   for?: string;
   /** This message and every reply below it. */
   thread?: number;
-  /** true: free to claim; false: held by a claim. */
-  unclaimed?: boolean;
+  /** Only messages in these task statuses. */
+  statuses?: TaskStatus[];
 };
 
 /** The WHERE clause and arguments that select a filter's messages. */
@@ -860,14 +912,12 @@ function messageQuery(
       ) SELECT id FROM t)`);
     args.push(filter.thread);
   }
-  if (filter.unclaimed === true) {
-    where.push("(claimed_by IS NULL OR lease_expires_at <= ?)");
-    args.push(now);
-  } else if (filter.unclaimed === false) {
+  if (filter.statuses?.length === 0) where.push("0");
+  else if (filter.statuses !== undefined) {
     where.push(
-      "(claimed_by IS NOT NULL AND (lease_expires_at IS NULL OR lease_expires_at > ?))",
+      `${STATUS_SQL} IN (${filter.statuses.map(() => "?").join(", ")})`,
     );
-    args.push(now);
+    args.push(now, ...filter.statuses);
   }
   return {
     sql: `SELECT ${MESSAGE_COLUMNS} FROM messages WHERE ${where.join(" AND ")}
@@ -903,21 +953,27 @@ function isoSql(ms: string): string {
 /**
  * A message row as the JSON object `toMessage` makes of it, built by SQLite: a second
  * mapper for the messages table, kept because pages built this way cost half as much
- * as rows mapped in JS (README, "Performance"); db_test.ts holds the two equal. Takes the
- * current time (ms) three times as arguments: a lapsed lease reads as no claim.
+ * as rows mapped in JS (README, "Performance"); db_test.ts holds the two equal. Its
+ * `?`s are all the current time (ms), `messageJsonArgs`: a lapsed lease reads as no
+ * claim.
  */
-const MESSAGE_JSON = (() => {
-  const held =
-    "claimed_by IS NOT NULL AND (lease_expires_at IS NULL OR lease_expires_at > ?)";
-  return `json_object(
+const MESSAGE_JSON = `json_object(
     'id', id, 'room_id', room_id, 'from_agent', from_agent,
     'to_agent', to_agent, 'kind', kind, 'body', json(body),
     'created_at', ${isoSql("created_at")}, 'reply_to', reply_to,
-    'claimed_by', CASE WHEN ${held} THEN claimed_by END,
-    'claimed_at', CASE WHEN ${held} THEN ${isoSql("claimed_at")} END,
-    'lease_expires_at', CASE WHEN ${held} THEN ${isoSql("lease_expires_at")} END
+    'claimed_by', CASE WHEN ${HELD} THEN claimed_by END,
+    'claimed_at', CASE WHEN ${HELD} THEN ${isoSql("claimed_at")} END,
+    'lease_expires_at', CASE WHEN ${HELD} THEN ${
+  isoSql("lease_expires_at")
+} END,
+    'status', ${STATUS_SQL}, 'attempts', attempts, 'max_attempts', max_attempts,
+    'done_at', ${isoSql("done_at")}, 'done_by', done_by
   )`;
-})();
+
+/** The arguments of `MESSAGE_JSON`: the time, once per `?`. */
+function messageJsonArgs(now: number): number[] {
+  return Array(MESSAGE_JSON.split("?").length - 1).fill(now);
+}
 
 /**
  * `listMessages`, with the JSON built by SQLite: a page of 100 costs no object per
@@ -935,33 +991,53 @@ export async function listMessagesJson(
     sql: `SELECT count(*) AS count,
             coalesce(json_group_array(${MESSAGE_JSON}), '[]') AS json
           FROM (${page.sql})`,
-    args: [now, now, now, ...page.args],
+    args: [...messageJsonArgs(now), ...page.args],
   });
   return { count: Number(row.count), json: String(row.json), now };
 }
 
-/** The newest `limit` messages of a room, ascending, and how many it holds in all. */
+/**
+ * The newest `limit` messages of a room (in `statuses`, when given), ascending, and how
+ * many it holds in all (in those statuses).
+ */
 export async function recentMessages(
   db: Db,
   roomId: string,
   limit: number,
+  statuses?: TaskStatus[],
 ): Promise<{ items: Message[]; total: number }> {
+  const now = Date.now();
   const [items, count] = await Promise.all([
-    listMessages(db, roomId, { limit, order: "desc" }),
-    all(db, {
-      sql: "SELECT count(*) AS n FROM messages WHERE room_id = ?",
-      args: [roomId],
-    }),
+    listMessages(db, roomId, { limit, order: "desc", statuses }),
+    all(
+      db,
+      statuses === undefined
+        ? {
+          sql: "SELECT count(*) AS n FROM messages WHERE room_id = ?",
+          args: [roomId],
+        }
+        : {
+          sql: `SELECT count(*) AS n FROM messages WHERE room_id = ?
+                AND ${STATUS_SQL} IN (${statuses.map(() => "?").join(", ")})`,
+          args: [roomId, now, ...statuses],
+        },
+    ),
   ]);
   return { items: items.reverse(), total: Number(count[0].n) };
 }
+
+/** The agent renews the claim it holds (`:agent`, `:now`). */
+const RENEWAL =
+  "(claimed_by = :agent AND (lease_expires_at IS NULL OR lease_expires_at > :now))";
 
 /** The outcome of a claim or a release; `message` is null when there is no such message. */
 export type ClaimResult = { ok: boolean; message: Message | null };
 
 /**
  * Claims a message for an agent, for `lease` seconds or until released. Succeeds when
- * it is free, its lease ran out, or the agent holds it already (which renews the lease).
+ * it is free, its lease ran out, or the agent holds it already (which renews the lease);
+ * never on a done message, nor on one whose attempts are used up. Each claim but a
+ * renewal is one more attempt.
  */
 export async function claimMessage(
   db: Db,
@@ -979,9 +1055,11 @@ export async function claimMessage(
               THEN claimed_at ELSE :now END,
             claimed_by = :agent,
             lease_expires_at = :expires,
+            attempts = attempts + CASE WHEN ${RENEWAL} THEN 0 ELSE 1 END,
             claim_rev = (SELECT rev + 1 FROM rooms WHERE id = :room)
-          WHERE room_id = :room AND id = :id
+          WHERE room_id = :room AND id = :id AND done_at IS NULL
             AND (claimed_by IS NULL OR claimed_by = :agent OR lease_expires_at <= :now)
+            AND (${RENEWAL} OR max_attempts IS NULL OR attempts < max_attempts)
           RETURNING ${MESSAGE_COLUMNS}`,
       args: {
         agent,
@@ -1028,12 +1106,86 @@ export async function releaseMessage(
     sql:
       `UPDATE messages SET claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL,
             claim_rev = (SELECT rev + 1 FROM rooms WHERE id = :room)
-          WHERE room_id = :room AND id = :id AND claimed_by = :agent
-            AND (lease_expires_at IS NULL OR lease_expires_at > :now)
+          WHERE room_id = :room AND id = :id AND ${RENEWAL}
           RETURNING ${MESSAGE_COLUMNS}`,
     args: { room: roomId, id, agent, now },
   });
   return claimOutcome(db, roomId, id, row, now);
+}
+
+/** A completed task and the reply it was completed with (null when none was given). */
+export type CompleteResult = {
+  ok: boolean;
+  message: Message | null;
+  result: Message | null;
+};
+
+/**
+ * Completes a message for the agent that holds its claim: marks it done and, in the
+ * same transaction, posts `result` (if any) as a reply from that agent. Fails, writing
+ * nothing (not even the idempotency key), when the agent does not hold a live claim on
+ * it or it is done already.
+ */
+export async function completeMessage(
+  db: Db,
+  roomId: string,
+  id: number,
+  agent: string,
+  result?: { body: unknown; kind: string; to_agent: string | null },
+  idempotency?: Idempotency,
+): Promise<CompleteResult> {
+  const now = Date.now();
+  const taken = idempotency ? takeKeyStatements(roomId, idempotency, now) : [];
+  const stmts: InStatement[] = [
+    ...taken,
+    {
+      sql: `UPDATE messages SET done_at = :now, done_by = :agent,
+              claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL,
+              claim_rev = (SELECT rev + 1 FROM rooms WHERE id = :room)
+            WHERE room_id = :room AND id = :id AND done_at IS NULL AND ${RENEWAL}
+            RETURNING ${MESSAGE_COLUMNS}`,
+      args: { room: roomId, id, agent, now },
+    },
+    // Not the holder, or done already: everything above rolls back.
+    GUARD,
+    ...(result === undefined ? [] : [insertMessageStatement(roomId, {
+      from_agent: agent,
+      to_agent: result.to_agent,
+      kind: result.kind,
+      body: result.body,
+      reply_to: id,
+      max_attempts: null,
+    }, now)]),
+    // Completing counts as being seen.
+    {
+      sql: `UPDATE agents SET last_seen = max(last_seen, :now)
+            WHERE room_id = :room AND id = :agent`,
+      args: { now, room: roomId, agent },
+    },
+  ];
+  let answers;
+  try {
+    answers = await (await db.client()).batch(stmts, "write");
+  } catch (error) {
+    if (
+      error instanceof LibsqlBatchError &&
+      error.statementIndex === taken.length + 1
+    ) {
+      return {
+        ok: false,
+        message: await getMessage(db, roomId, id),
+        result: null,
+      };
+    }
+    throw error;
+  }
+  const message = toMessage(answers[taken.length].rows[0], now);
+  const reply = result === undefined
+    ? null
+    : toMessage(answers[taken.length + 2].rows[0], now);
+  if (reply) db.notifier.publish(roomId, { type: "message", message: reply });
+  db.notifier.publish(roomId, { type: "claim", message });
+  return { ok: true, message, result: reply };
 }
 
 /**

@@ -9,6 +9,7 @@ import { LibsqlBatchError, LibsqlError } from "@libsql/client";
 
 import {
   claimMessage,
+  completeMessage,
   createRoom,
   DatabaseUnavailable,
   Db,
@@ -183,20 +184,31 @@ Deno.test("a page built by SQLite is byte for byte the JSON of listMessages", as
         kind: i % 2 === 0 ? "task" : "note",
         body: b,
         reply_to: i > 2 && i % 7 === 0 ? i - 2 : null,
+        max_attempts: i % 6 === 0 ? 1 : null,
       });
     }
-    // Held, expired and released claims: an expired lease reads as unclaimed.
+    // Held, expired and released claims: an expired lease reads as unclaimed. A
+    // completed message (with a result), and a dead one (its one attempt lapsed).
     await claimMessage(db, "r", 3, "a1");
     await claimMessage(db, "r", 4, "a2", 3600);
     await claimMessage(db, "r", 5, "a3", 0.001);
+    await claimMessage(db, "r", 7, "a1", 0.001);
+    await claimMessage(db, "r", 8, "a1");
+    await completeMessage(db, "r", 8, "a1", {
+      body: { ok: true },
+      kind: "result",
+      to_agent: null,
+    });
     await new Promise((resolve) => setTimeout(resolve, 5));
     const filters: MessageFilter[] = [
       { limit: 100, order: "asc", after: 0 },
       { limit: 1000, order: "asc", after: 40 },
       { limit: 7, order: "desc" },
       { limit: 50, order: "asc", kinds: ["task"], from: "a2" },
-      { limit: 50, order: "asc", for: "b", unclaimed: true },
-      { limit: 50, order: "asc", unclaimed: false },
+      { limit: 50, order: "asc", for: "b", statuses: ["open"] },
+      { limit: 50, order: "asc", statuses: ["held"] },
+      { limit: 50, order: "asc", statuses: ["done", "dead"] },
+      { limit: 50, order: "asc", statuses: [] },
       { limit: 50, order: "asc", thread: 5 },
       { limit: 50, order: "asc", after: 10_000 },
     ];
@@ -227,6 +239,7 @@ Deno.test({
             kind: "message",
             body: i,
             reply_to: null,
+            max_attempts: null,
           })),
       );
       const ids = inserted.map((m) => m!.id);

@@ -104,7 +104,8 @@ ${endpoints(api)}
 - \`body\`, \`value\` and \`meta\` are any JSON value, returned exactly as sent.
 - Message ids are integers that only grow: keep the highest you have seen and pass it
   as \`after\`. Messages carry \`reply_to\`, \`claimed_by\`, \`claimed_at\`,
-  \`lease_expires_at\`.
+  \`lease_expires_at\`, and as tasks \`status\` (\`open\`, \`held\`, \`done\`,
+  \`dead\`), \`attempts\`, \`max_attempts\`, \`done_at\`, \`done_by\`.
 - State \`version\` is 1 on create and +1 on every write; deleting a key and writing it
   again starts over at 1. Times are ISO 8601 UTC.
 
@@ -131,9 +132,14 @@ Registering an existing agent id needs its token (or the room token);
 - **Wait instead of polling**: \`GET messages?after=N&wait=30\` answers as soon as a
   message arrives (or \`[]\` after 30 s); \`GET state?key=turn&after_version=4&wait=30\`
   answers when the version passes 4. Add \`agent=<your id>\` to show as \`waiting\`.
-- **Task queue**: post \`kind: "task"\` → \`GET messages?kind=task&unclaimed=true\` →
-  \`POST messages/:mid/claim {agent, lease: 60}\` → post \`kind: "result"\` with
-  \`reply_to\` → read \`GET messages?thread=<task id>\`.
+- **Task queue**: post \`kind: "task"\` (with \`max_attempts\`, say 3) → wait for
+  work with \`GET messages?kind=task&status=open&wait=30\` → \`POST
+  messages/:mid/claim {agent, lease: 300}\` (409 \`already_claimed\`: take the next) →
+  do it → \`POST messages/:mid/complete {agent, result: {body}}\`, which marks it
+  \`done\` and posts the result as a reply in one step. 409 \`not_holder\` means your
+  lease ran out and the task may be someone else's now: drop the work. A task is
+  done once; one whose worker dies comes back after its lease (\`attempts\` counts
+  the claims) until \`max_attempts\` makes it \`dead\` (\`GET messages?status=dead\`).
 - **Turn-taking**: wait with \`GET state?key=turn&after_version=<v>&wait=30\`; when it
   names you, move and hand over in one \`POST batch\` with
   \`{key: "turn", value: "<next>", if_version: <v+1>}\` and your message.

@@ -46,6 +46,18 @@ export const ERRORS = {
     409,
     "another agent holds the message (`claimed_by`, `claimed_at`, `lease_expires_at`)",
   ],
+  not_holder: [
+    409,
+    "only the agent holding a live claim completes the message; its lease may have run out: drop the work (`claimed_by`, `claimed_at`, `lease_expires_at`)",
+  ],
+  already_completed: [
+    409,
+    "the message is done: it cannot be claimed, released or completed again (`done_by`, `done_at`)",
+  ],
+  attempts_exhausted: [
+    409,
+    "the message used its `max_attempts` claims and is dead (`attempts`, `max_attempts`)",
+  ],
   version_conflict: [
     409,
     "`if_version` did not match: `expected_version` and `current`, the whole entry or null (a batch lists every one in `conflicts`)",
@@ -123,6 +135,9 @@ const SECTION: Partial<Record<ErrorCode, string>> = {
   not_a_number: "coordination",
   out_of_range: "coordination",
   already_claimed: "coordination",
+  not_holder: "coordination",
+  already_completed: "coordination",
+  attempts_exhausted: "coordination",
   conflict: "coordination",
   idempotency_key_in_use: "coordination",
   idempotency_key_reused: "coordination",

@@ -1915,6 +1915,11 @@ class Session {
       claimed_by: null,
       claimed_at: null,
       lease_expires_at: null,
+      status: "open",
+      attempts: 0,
+      max_attempts: null,
+      done_at: null,
+      done_by: null,
     };
   }
 

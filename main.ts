@@ -13,6 +13,7 @@ import { NONCE, secureHeaders } from "hono/secure-headers";
 import {
   applyBatch,
   claimMessage,
+  completeMessage,
   createRoom,
   Db,
   deleteRoom,
@@ -38,6 +39,7 @@ import {
   type Room,
   saveIdempotent,
   type StateEntry,
+  type TaskStatus,
   touchAgent,
   updateAgent,
   type WriteResult,
@@ -404,7 +406,12 @@ export function createApp(options: AppOptions) {
       const [agents, state, messages] = await Promise.all([
         listAgents(db, room.id),
         listState(db, room.id),
-        recentMessages(db, room.id, c.req.valid("query").messages ?? 50),
+        recentMessages(
+          db,
+          room.id,
+          c.req.valid("query").messages ?? 50,
+          c.req.valid("query").status,
+        ),
       ]);
       const next_after = messages.items.at(-1)?.id ??
         (messages.total > 0 ? await lastId(room.id) : 0);
@@ -425,14 +432,12 @@ export function createApp(options: AppOptions) {
       if (c.req.method === "HEAD") {
         return c.body(null, 200, { "content-type": "text/event-stream" });
       }
-      return streamRoom(
-        c,
-        db,
-        c.var.room.id,
+      return streamRoom(c, db, c.var.room.id, {
         after,
-        shutdown,
-        () => readable(c),
-      );
+        statuses: c.req.valid("query").status,
+        stop: shutdown,
+        verify: () => readable(c),
+      });
     })
     // ---- agents ----
     .openapi(
@@ -536,7 +541,7 @@ export function createApp(options: AppOptions) {
         to: q.to,
         for: q.for,
         thread: q.thread,
-        unclaimed: q.unclaimed,
+        statuses: statusesOf(q.status, q.unclaimed),
       };
       const messages = await whileWaiting(
         db,
@@ -573,7 +578,7 @@ export function createApp(options: AppOptions) {
           input.lease,
         );
         if (!message) throw messageNotFound(roomId, id);
-        if (!ok) throw alreadyClaimed(message);
+        if (!ok) throw notClaimable(message);
         return c.json({ claimed: true, message }, 200);
       },
     )
@@ -587,8 +592,45 @@ export function createApp(options: AppOptions) {
         );
         const { ok, message } = await releaseMessage(db, roomId, id, agent);
         if (!message) throw messageNotFound(roomId, id);
+        if (message.status === "done") throw alreadyCompleted(message);
         if (!ok && message.claimed_by !== null) throw alreadyClaimed(message);
         return c.json({ released: ok, message }, 200);
+      },
+    )
+    .openapi(
+      { ...routes.completeMessage, middleware: [inRoom, writer, jsonBody] },
+      (c) => {
+        const input = c.req.valid("json");
+        const { room, caller } = c.var;
+        const id = c.req.valid("param").mid;
+        const agent = requireAgent(actingAs(caller, input.agent, "agent"));
+        return once(c, room.id, caller, async (idempotency) => {
+          const done = await completeMessage(
+            db,
+            room.id,
+            id,
+            agent,
+            input.result && {
+              body: input.result.body,
+              kind: input.result.kind ?? "result",
+              to_agent: input.result.to ?? null,
+            },
+            idempotency,
+          );
+          if (!done.message) throw messageNotFound(room.id, id);
+          if (done.message.status === "done" && !done.ok) {
+            throw alreadyCompleted(done.message);
+          }
+          if (!done.ok) throw notHolder(done.message, agent);
+          return {
+            status: 200,
+            body: {
+              completed: true,
+              message: done.message,
+              result: done.result,
+            },
+          };
+        });
       },
     )
     // ---- state ----
@@ -760,7 +802,57 @@ function toNewMessage(input: PostMessage, caller: Caller): NewMessage {
     kind: input.kind ?? "message",
     body: input.body,
     reply_to: input.reply_to ?? null,
+    max_attempts: input.max_attempts ?? null,
   };
+}
+
+/**
+ * The task statuses a read selects: `status`, narrowed by the older `unclaimed`
+ * (true is `open`, false is `held`).
+ */
+function statusesOf(
+  status: TaskStatus[] | undefined,
+  unclaimed: boolean | undefined,
+): TaskStatus[] | undefined {
+  if (unclaimed === undefined) return status;
+  const wanted: TaskStatus = unclaimed ? "open" : "held";
+  return (status ?? [wanted]).filter((s) => s === wanted);
+}
+
+/** Why a claim was refused: done, out of attempts, or held by another agent. */
+function notClaimable(message: Message): ApiError {
+  if (message.status === "done") return alreadyCompleted(message);
+  if (message.status === "dead") {
+    return new ApiError(
+      "attempts_exhausted",
+      `Message ${message.id} used its ${message.max_attempts} attempts and is dead; it cannot be claimed again`,
+      { attempts: message.attempts, max_attempts: message.max_attempts },
+    );
+  }
+  return alreadyClaimed(message);
+}
+
+function alreadyCompleted(message: Message): ApiError {
+  return new ApiError(
+    "already_completed",
+    `Message ${message.id} was completed by "${message.done_by}" at ${message.done_at}`,
+    { done_by: message.done_by, done_at: message.done_at },
+  );
+}
+
+/** The 409 for a complete by an agent without a live claim on the message. */
+function notHolder(message: Message, agent: string): ApiError {
+  return new ApiError(
+    "not_holder",
+    message.claimed_by === null
+      ? `Agent "${agent}" does not hold message ${message.id}: nobody does (its lease may have run out); drop the work or claim it again`
+      : `Agent "${agent}" does not hold message ${message.id}: "${message.claimed_by}" does; drop the work`,
+    {
+      claimed_by: message.claimed_by,
+      claimed_at: message.claimed_at,
+      lease_expires_at: message.lease_expires_at,
+    },
+  );
 }
 
 /** The agent of a claim or release: the token's agent, or named in the body. */

@@ -5,40 +5,12 @@
 import assert from "node:assert/strict";
 import { hc } from "hono/client";
 import type { InArgs, InStatement } from "@libsql/client";
-import { Db, schemaVersion } from "./db.ts";
+import { Db, type Message, MIGRATIONS, schemaVersion } from "./db.ts";
 import { type AppType, createApp } from "./main.ts";
-import { freshDb } from "./testing.ts";
+import { type Call, caller, freshDb } from "./testing.ts";
 import { ERRORS } from "./errors.ts";
 
-type Reply = { status: number; body: unknown; headers: Headers };
-type Call = (
-  method: string,
-  path: string,
-  body?: unknown,
-  headers?: Record<string, string>,
-) => Promise<Reply>;
 type Api = { app: ReturnType<typeof createApp>; db: Db; call: Call };
-
-/** Calls the app; `body` is sent as JSON unless it is already a string. */
-function caller(app: ReturnType<typeof createApp>): Call {
-  return async (method, path, body, headers = {}) => {
-    const res = await app.request(path, {
-      method,
-      headers: { "content-type": "application/json", ...headers },
-      body: body === undefined
-        ? undefined
-        : typeof body === "string"
-        ? body
-        : JSON.stringify(body),
-    });
-    const type = res.headers.get("content-type") ?? "";
-    return {
-      status: res.status,
-      body: type.includes("json") ? await res.json() : await res.text(),
-      headers: res.headers,
-    };
-  };
-}
 
 /** A test with its own app on a fresh in-memory database. */
 function test(
@@ -71,6 +43,7 @@ const TIME_FIELDS = [
   "last_seen",
   "claimed_at",
   "lease_expires_at",
+  "done_at",
   "expires_at",
 ];
 
@@ -342,6 +315,11 @@ test("POST /rooms/:id/messages appends a message", async ({ call }) => {
     claimed_by: null,
     claimed_at: null,
     lease_expires_at: null,
+    status: "open",
+    attempts: 0,
+    max_attempts: null,
+    done_at: null,
+    done_by: null,
   });
 });
 
@@ -361,6 +339,11 @@ test("a message with only a body is from nobody, to everyone, of kind message", 
     claimed_by: null,
     claimed_at: null,
     lease_expires_at: null,
+    status: "open",
+    attempts: 0,
+    max_attempts: null,
+    done_at: null,
+    done_by: null,
   });
   const nulls = await call("POST", "/rooms/r/messages", {
     from: null,
@@ -1394,7 +1377,7 @@ test("the schema applies idempotently and data survives reopening a file", async
         read.map((m) => m.body),
         Array.from({ length: round + 1 }, (_, i) => i),
       );
-      assert.equal(await schemaVersion(db), 1);
+      assert.equal(await schemaVersion(db), MIGRATIONS.length + 1);
       db.close();
     }
   } finally {
@@ -1443,6 +1426,39 @@ test("migrations run once each, in order, and record the schema version", async 
   }
 });
 
+test("a database of schema 1 migrates to the task lifecycle: claims count one attempt, a claim without a lease stays held", async () => {
+  const { url, dir } = await tempDb();
+  try {
+    const old = new Db({ url, migrations: [] });
+    const client = await old.client();
+    await client.execute(
+      "INSERT INTO rooms (id, created_at, meta) VALUES ('r', 0, '{}')",
+    );
+    const far = Date.now() + 3_600_000;
+    for (
+      const [claimedBy, lease] of [[null, null], ["w1", null], ["w2", far]]
+    ) {
+      await client.execute({
+        sql: `INSERT INTO messages (room_id, kind, body, created_at, claimed_by,
+                claimed_at, lease_expires_at) VALUES ('r', 'task', '1', 0, ?, ?, ?)`,
+        args: [claimedBy, claimedBy === null ? null : 0, lease],
+      });
+    }
+    old.close();
+    const db = new Db({ url });
+    assert.equal(await schemaVersion(db), MIGRATIONS.length + 1);
+    const app = createApp({ db, rateLimit: null });
+    const read = await (await app.request("/rooms/r/messages")).json();
+    assert.deepEqual(
+      read.map((m: Message) => [m.status, m.attempts, m.claimed_by]),
+      [["open", 0, null], ["held", 1, "w1"], ["held", 1, "w2"]],
+    );
+    db.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 test("a failed migration rolls back whole and is reported", async () => {
   const { url, dir } = await tempDb();
   try {
@@ -1451,7 +1467,7 @@ test("a failed migration rolls back whole and is reported", async () => {
       migrations: [["CREATE TABLE ok (x INTEGER)", "NOT SQL"]],
     });
     await assert.rejects(db.client());
-    const plain = new Db({ url });
+    const plain = new Db({ url, migrations: [] });
     assert.equal(await schemaVersion(plain), 1);
     const tables = await (await plain.client()).execute(
       "SELECT name FROM sqlite_master WHERE name = 'ok'",

@@ -30,6 +30,7 @@ import {
   AgentOut,
   Batch,
   Claim,
+  Complete,
   ContextOut,
   CreateRoom,
   DeleteState,
@@ -44,7 +45,7 @@ import {
   Release,
   RoomOut,
 } from "./schemas.ts";
-import { STATUSES } from "./db.ts";
+import { STATUSES, TASK_STATUSES } from "./db.ts";
 import { ApiError, errorBody } from "./errors.ts";
 
 /** Origins whose pages may call `/mcp` (comma-separated); none by default. */
@@ -259,7 +260,12 @@ const TOOLS = new Map([
       to: Id.optional(),
       for: Id.optional().describe("Addressed to this agent or to everyone"),
       thread: Count.min(1).optional().describe("This message and its replies"),
-      unclaimed: z.boolean().optional(),
+      status: z.array(z.enum(TASK_STATUSES)).min(1).optional().describe(
+        "Only messages in these task statuses (open, held, done, dead)",
+      ),
+      unclaimed: z.boolean().optional().describe(
+        "true: status open; false: status held",
+      ),
       wait: Seconds.optional(),
       agent: Id.optional().describe("Show this agent as waiting meanwhile"),
     },
@@ -278,7 +284,7 @@ const TOOLS = new Map([
   }),
   tool("claim_message", {
     description:
-      "Claim a message (a task) for an agent, for lease seconds or until released; already_claimed if another holds it",
+      "Claim a message (a task) for an agent, for lease seconds or until released (each claim is an attempt); already_claimed if another holds it, already_completed if done, attempts_exhausted if dead",
     input: { room, message_id: MessageId, ...Claim.shape },
     output: { claimed: z.boolean(), message: MessageOut },
     annotations: write(false, true),
@@ -303,6 +309,26 @@ const TOOLS = new Map([
           "POST",
           `/rooms/${enc(room)}/messages/${message_id}/release`,
           body,
+        ),
+      ),
+  }),
+  tool("complete_message", {
+    description:
+      "Mark a message you hold done, posting result (if given) as a reply in the same transaction; not_holder if your claim ran out (drop the work), already_completed if done",
+    input: { room, message_id: MessageId, ...Complete.shape, idempotency_key },
+    output: {
+      completed: z.boolean(),
+      message: MessageOut,
+      result: MessageOut.nullable(),
+    },
+    annotations: write(false, false),
+    call: async ({ room, message_id, idempotency_key, ...body }, rest) =>
+      answer(
+        await rest(
+          "POST",
+          `/rooms/${enc(room)}/messages/${message_id}/complete`,
+          body,
+          idempotency_key,
         ),
       ),
   }),

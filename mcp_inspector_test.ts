@@ -100,6 +100,7 @@ Deno.test("the MCP Inspector CLI lists the tools, gets REST's error JSON as text
       assert.deepEqual(tools.map((tool) => tool.name).toSorted(), [
         "batch",
         "claim_message",
+        "complete_message",
         "create_room",
         "delete_state",
         "get_context",

@@ -127,7 +127,7 @@ function withoutIdle(agent: unknown): unknown {
 
 const TIME = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/;
 
-Deno.test("MCP lists the twelve tools, with their hints and output schemas", async () => {
+Deno.test("MCP lists the thirteen tools, with their hints and output schemas", async () => {
   await withServer(async ({ connect }) => {
     const client = await connect();
     const tools = (await client.listTools()).tools as Listed[];
@@ -153,6 +153,7 @@ Deno.test("MCP lists the twelve tools, with their hints and output schemas", asy
         read_messages: read,
         claim_message: write(false, true),
         release_message: write(false, true),
+        complete_message: write(false, false),
         get_state: read,
         set_state: write(true, false),
         delete_state: write(true, true),
@@ -170,6 +171,7 @@ Deno.test("MCP lists the twelve tools, with their hints and output schemas", asy
     );
     assert.deepEqual(required.post_message, ["body", "room"]);
     assert.deepEqual(required.release_message, ["message_id", "room"]);
+    assert.deepEqual(required.complete_message, ["message_id", "room"]);
     assert.deepEqual(required.delete_state, ["key", "room"]);
   });
 });
@@ -283,12 +285,34 @@ Deno.test("every MCP tool answers REST's JSON as structured content that its out
       room: "m",
       message_id: id,
     });
-    assert.deepEqual(released, { released: true, message: posted });
+    const tried = { ...posted, attempts: 1 };
+    assert.deepEqual(released, { released: true, message: tried });
     // Released again: nothing to give back, and no error.
     assert.deepEqual(
       await ok(alice, "release_message", { room: "m", message_id: id }),
-      { released: false, message: posted },
+      { released: false, message: tried },
     );
+
+    await ok(alice, "claim_message", { room: "m", message_id: id });
+    const completed = await ok(alice, "complete_message", {
+      room: "m",
+      message_id: id,
+      result: { body: { done: true } },
+    });
+    const thread = await get(base, `/rooms/m/messages?thread=${id}`);
+    assert.deepEqual(completed, {
+      completed: true,
+      message: thread[0],
+      result: thread[1],
+    });
+    assert.equal((completed.message as { status: string }).status, "done");
+    assert.equal((completed.result as { reply_to: number }).reply_to, id);
+    const open = await ok(alice, "read_messages", {
+      room: "m",
+      status: ["done"],
+      wait: 0,
+    });
+    assert.deepEqual(open, { messages: [thread[0]] });
 
     const set = await ok(alice, "set_state", {
       room: "m",
@@ -318,7 +342,10 @@ Deno.test("every MCP tool answers REST's JSON as structured content that its out
         key: "turn",
         deleted: true,
       }],
-      messages: await get(base, "/rooms/m/messages?after=" + id),
+      messages: await get(
+        base,
+        "/rooms/m/messages?after=" + (completed.result as { id: number }).id,
+      ),
     });
 
     assert.deepEqual(
@@ -340,7 +367,7 @@ Deno.test("every MCP tool answers REST's JSON as structured content that its out
         idle_ms: (context.agents as { idle_ms: number }[])[i].idle_ms,
       })),
     });
-    assert.equal((context.messages as { total: number }).total, 2);
+    assert.equal((context.messages as { total: number }).total, 3);
   });
 });
 
@@ -442,6 +469,25 @@ Deno.test("every MCP tool error is REST's JSON error body as text, with no struc
           lease_expires_at: null,
           docs: docs("coordination"),
         }],
+        [
+          "a complete by an agent that does not hold it",
+          anon,
+          "complete_message",
+          {
+            room: "m",
+            message_id: task,
+            agent: "carol",
+          },
+          {
+            error: "not_holder",
+            message:
+              `Agent "carol" does not hold message ${task}: "alice" does; drop the work`,
+            claimed_by: "alice",
+            claimed_at: held.claimed_at,
+            lease_expires_at: null,
+            docs: docs("coordination"),
+          },
+        ],
         ["a release by another agent", anon, "release_message", {
           room: "m",
           message_id: task,

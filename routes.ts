@@ -10,11 +10,13 @@ import {
   AgentOut,
   Batch,
   Claim,
+  Complete,
   ContextOut,
   CreateRoom,
   DeletedOut,
   DeleteState,
   EntryOut,
+  ErrorOut,
   GetContext,
   GetState,
   GetStream,
@@ -62,9 +64,13 @@ function body<T extends z.ZodType>(schema: T) {
   } as const;
 }
 
-/** What every route may answer: over the rate limit, or a database or process away. */
+/**
+ * What every route may answer: over the rate limit, a body over the size limit (any
+ * request with a body is refused before routing), or a database or process away.
+ */
 const ALWAYS: ErrorCode[] = [
   "rate_limited",
+  "payload_too_large",
   "database_busy",
   "database_unavailable",
   "shutting_down",
@@ -72,7 +78,7 @@ const ALWAYS: ErrorCode[] = [
 /** What a route with input may answer when the input is wrong. */
 const INPUT: ErrorCode[] = ["invalid_request"];
 /** What a route with a JSON body may answer besides. */
-const BODY: ErrorCode[] = [...INPUT, "invalid_json", "payload_too_large"];
+const BODY: ErrorCode[] = [...INPUT, "invalid_json"];
 /** Reading a room: it must exist, and a locked one needs a token of it. */
 const READ: ErrorCode[] = [
   ...INPUT,
@@ -229,12 +235,17 @@ export const postMcp = createRoute({
       "A JSON-RPC answer",
     ),
     202: { description: "A notification, accepted" },
+    ...errors("forbidden"),
+    // The MCP transport answers JSON-RPC errors of its own; the endpoint, REST's.
+    400: json(
+      z.union([ErrorOut, JsonRpcError]),
+      "A JSON-RPC batch (invalid_request), or a message the MCP transport cannot parse (a JSON-RPC error)",
+    ),
     406: json(
       JsonRpcError,
       "Accept must list application/json and text/event-stream",
     ),
     415: json(JsonRpcError, "Content-Type must be application/json"),
-    ...errors("invalid_request", "forbidden", "payload_too_large"),
   },
 });
 
@@ -414,7 +425,13 @@ export const claimMessage = createRoute({
       z.object({ claimed: z.boolean(), message: MessageOut }),
       "`{claimed: true, message}`",
     ),
-    ...errors(...WRITE, "message_not_found", "already_claimed"),
+    ...errors(
+      ...WRITE,
+      "message_not_found",
+      "already_claimed",
+      "already_completed",
+      "attempts_exhausted",
+    ),
   },
 });
 
@@ -429,7 +446,43 @@ export const releaseMessage = createRoute({
       z.object({ released: z.boolean(), message: MessageOut }),
       "`{released, message}`",
     ),
-    ...errors(...WRITE, "message_not_found", "already_claimed"),
+    ...errors(
+      ...WRITE,
+      "message_not_found",
+      "already_claimed",
+      "already_completed",
+    ),
+  },
+});
+
+export const completeMessage = createRoute({
+  method: "post",
+  path: "/rooms/{id}/messages/{mid}/complete",
+  operationId: "completeMessage",
+  summary:
+    "Mark a claimed message done (its holder only), posting `result` as a reply in the same transaction",
+  request: {
+    params: MessageParams,
+    headers: IdempotencyHeaders,
+    body: body(Complete),
+  },
+  responses: {
+    200: json(
+      z.object({
+        completed: z.boolean(),
+        message: MessageOut,
+        result: MessageOut.nullable(),
+      }),
+      "`{completed: true, message, result}`",
+    ),
+    ...errors(
+      ...WRITE,
+      "message_not_found",
+      "not_holder",
+      "already_completed",
+      "idempotency_key_reused",
+      "idempotency_key_in_use",
+    ),
   },
 });
 

@@ -59,6 +59,8 @@ CREATE TABLE IF NOT EXISTS messages (
   -- The room's rev at the last claim or release: streams on other instances read the
   -- claims changed since the rev they saw.
   claim_rev INTEGER
+  -- Added by migration 2 (MIGRATIONS in db.ts), on new databases too: attempts
+  -- (claims so far), max_attempts, done_at and done_by (the task lifecycle).
 ) STRICT;
 
 CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room_id, id);

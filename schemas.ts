@@ -5,7 +5,7 @@
  */
 import type { MiddlewareHandler, ValidationTargets } from "hono";
 import { z } from "zod";
-import { STATUSES } from "./db.ts";
+import { STATUSES, TASK_STATUSES } from "./db.ts";
 import { ApiError, type ErrorCode, ERRORS } from "./errors.ts";
 
 // ---- building blocks ----
@@ -58,7 +58,7 @@ const WellFormed = z.string().refine((s) => s.isWellFormed(), {
 
 const Key = WellFormed.min(1).max(512).regex(/^\P{Cc}*$/u, {
   error: "must not contain control characters",
-});
+}).meta({ pattern: "^\\P{Cc}*$" }); // zod would write the /u flag into the pattern
 
 const Name = WellFormed.min(1).max(256);
 
@@ -107,12 +107,19 @@ export type Heartbeat = z.infer<typeof Heartbeat>;
 /** A message id in a body. */
 const MessageId = z.number().int().min(1).max(Number.MAX_SAFE_INTEGER);
 
+/** The most claims a task may allow before it is dead. */
+export const MAX_ATTEMPTS = 100;
+
 export const PostMessage = z.strictObject({
   from: Id.nullable().optional(),
   to: Id.nullable().optional(),
   kind: Id.optional(),
   body: Json,
   reply_to: MessageId.nullable().optional(),
+  max_attempts: z.number().int().min(1).max(MAX_ATTEMPTS).nullable().optional()
+    .describe(
+      "Claims allowed before the message is dead (released or lapsed on its last attempt)",
+    ),
 });
 export type PostMessage = z.infer<typeof PostMessage>;
 
@@ -127,6 +134,18 @@ export type Claim = z.infer<typeof Claim>;
 
 export const Release = z.strictObject({ agent: Id.optional() });
 export type Release = z.infer<typeof Release>;
+
+export const Complete = z.strictObject({
+  agent: Id.optional(),
+  result: z.strictObject({
+    body: Json,
+    kind: Id.optional().describe('Default "result"'),
+    to: Id.nullable().optional(),
+  }).optional().describe(
+    "Posted as a reply to the message, from the completing agent, in the same transaction",
+  ),
+});
+export type Complete = z.infer<typeof Complete>;
 
 const Version = z.number().int().min(0).max(Number.MAX_SAFE_INTEGER);
 
@@ -233,6 +252,15 @@ export const MAX_WAIT_SECONDS = 50;
 /** The most messages one read answers. */
 export const MAX_MESSAGES_PER_READ = 1000;
 
+/** A comma list of task statuses (`open,held`). */
+const Statuses = z.string().transform((s) => s.split(",")).pipe(
+  z.array(z.enum(TASK_STATUSES)).min(1).max(TASK_STATUSES.length),
+).meta({
+  type: "string",
+  pattern: `^(${TASK_STATUSES.join("|")})(,(${TASK_STATUSES.join("|")}))*$`,
+  description: "A comma list of task statuses: open, held, done, dead",
+});
+
 /** Seconds to hold a long-poll: 0 to 50, fractions allowed. */
 const Wait = z.string().regex(/^\d{1,3}(\.\d{1,3})?$/, {
   error: "must be a number of seconds",
@@ -251,8 +279,9 @@ export const ListMessages = z.strictObject({
   to: Id.optional(),
   for: Id.optional(),
   thread: count(1).optional(),
+  status: Statuses.optional(),
   unclaimed: z.enum(["true", "false"]).transform((s) => s === "true")
-    .optional(),
+    .optional().describe("true: status=open; false: status=held"),
   wait: Wait.optional(),
   agent: Id.optional(),
 });
@@ -280,10 +309,14 @@ export type GetState = z.infer<typeof GetState>;
 
 export const GetContext = z.strictObject({
   messages: count(0, MAX_MESSAGES_PER_READ).optional(),
+  status: Statuses.optional(),
 });
 
 export const GetStream = z.strictObject({
   after: count().optional(),
+  status: Statuses.optional().describe(
+    "Only messages in these statuses (claim events, which carry status changes, all come)",
+  ),
 });
 
 export const ViewerQuery = z.strictObject({ room: Id.optional() });
@@ -336,6 +369,11 @@ export const MessageOut = z.object({
   claimed_by: z.string().nullable(),
   claimed_at: Time.nullable(),
   lease_expires_at: Time.nullable(),
+  status: z.enum(TASK_STATUSES),
+  attempts: z.number().int(),
+  max_attempts: z.number().int().nullable(),
+  done_at: Time.nullable(),
+  done_by: z.string().nullable(),
 });
 export const EntryOut = z.object({
   room_id: z.string(),

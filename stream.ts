@@ -17,6 +17,7 @@ import {
   type Message,
   roomRev,
   type StateEntry,
+  type TaskStatus,
 } from "./db.ts";
 
 /** How often an idle stream sends a keepalive comment (ms). */
@@ -41,15 +42,24 @@ type Pending = {
   state: Map<string, { scope: string; key: string; entry: StateEntry | null }>;
 };
 
-/** Streams room `roomId` from message id `after` until the client goes away or `stop` aborts. */
+/**
+ * Streams room `roomId` from message id `after` (only messages in `statuses`, when
+ * given) until the client goes away or `stop` aborts. `claim` events, which carry each
+ * change of a message's status, all come: they tell a watcher a message left the
+ * statuses it asked for.
+ */
 export function streamRoom(
   c: Context,
   db: Db,
   roomId: string,
-  after: number,
-  stop?: AbortSignal,
-  verify?: () => Promise<void>,
+  options: {
+    after: number;
+    statuses?: TaskStatus[];
+    stop?: AbortSignal;
+    verify?: () => Promise<void>;
+  },
 ): Response {
+  const { after, statuses, stop, verify } = options;
   c.header("X-Accel-Buffering", "no");
   return streamSSE(c, async (stream) => {
     const pending: Pending = {
@@ -95,8 +105,14 @@ export function streamRoom(
       for (;;) {
         const after = cursor;
         const page = await db.notifier.shared(
-          `stream ${roomId} ${after}`,
-          () => listMessages(db, roomId, { after, limit: PAGE, order: "asc" }),
+          `stream ${roomId} ${after} ${statuses}`,
+          () =>
+            listMessages(db, roomId, {
+              after,
+              limit: PAGE,
+              order: "asc",
+              statuses,
+            }),
         );
         for (const message of page) {
           await send("message", message, String(message.id));

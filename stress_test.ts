@@ -97,6 +97,8 @@ type Message = {
   kind: string;
   body: unknown;
   claimed_by: string | null;
+  status: "open" | "held" | "done" | "dead";
+  done_by: string | null;
 };
 
 type Entry = { key: string; value: unknown; version: number };
@@ -212,7 +214,7 @@ async function readStream(res: Response) {
 /** What a server must never print under these loads: a lock error, any logged error. */
 const TROUBLE = /locked|SQLITE_|error/i;
 
-Deno.test("SIGKILL mid-stream loses no acknowledged write, over 4 kills and restarts on one file", async () => {
+Deno.test("SIGKILL mid-stream loses no acknowledged write (posts, batches, counters, CAS, claims, completes), over 4 kills and restarts on one file", async () => {
   const CLIENTS = 8;
   const KILLS = 4;
   const COUNTERS = ["c0", "c1", "c2"];
@@ -247,6 +249,11 @@ Deno.test("SIGKILL mid-stream loses no acknowledged write, over 4 kills and rest
     const claimedBy = new Map<number, Set<string>>();
     const namedHolder = new Map<number, Set<string>>();
     const unknownClaims = new Map<number, Set<string>>();
+    /** Completes: who was answered 200, who was in flight at a kill (with its result's tag). */
+    const completedBy = new Map<number, string>();
+    const unknownCompletes = new Map<number, { agent: string; tag: string }>();
+    const resultTags = new Map<number, string>();
+    const namedDone = new Map<number, Set<string>>();
     const add = <K, V>(map: Map<K, Set<V>>, key: K, value: V) =>
       map.set(key, (map.get(key) ?? new Set()).add(value));
     let acked = 0;
@@ -344,8 +351,56 @@ Deno.test("SIGKILL mid-stream loses no acknowledged write, over 4 kills and rest
           c.unknown = 0;
         }
 
+        // A complete in flight at a kill: done with its result, or neither.
+        const byId = new Map(log.map((m) => [m.id, m]));
+        for (const [id, { agent, tag }] of unknownCompletes) {
+          const message = byId.get(id)!;
+          const result = byTag.get(tag);
+          assert.equal(
+            message.status === "done",
+            result !== undefined,
+            `${where}: message ${id} is ${message.status}, its result ${
+              result ? "is" : "is not"
+            } in the log`,
+          );
+          if (result) {
+            assert.equal(message.done_by, agent);
+            completedBy.set(id, agent);
+            resultTags.set(id, tag);
+            committedUnknowns++;
+          }
+        }
+        unknownCompletes.clear();
+        for (const message of log) {
+          const by = completedBy.get(message.id);
+          if (by === undefined) {
+            assert.notEqual(
+              message.status,
+              "done",
+              `${where}: ${message.id} is done, but no complete was answered`,
+            );
+            continue;
+          }
+          // Done stays done: never open or held again, completed by its holder.
+          assert.equal(message.status, "done", `${where}: ${message.id}`);
+          assert.equal(
+            message.done_by,
+            by,
+            `${where}: done_by of ${message.id}`,
+          );
+          assert.equal(message.claimed_by, null);
+          assert.ok(byTag.has(resultTags.get(message.id)!), "its result");
+          for (const named of namedDone.get(message.id) ?? []) {
+            assert.equal(
+              named,
+              by,
+              `${where}: 409 named ${named} for ${message.id}`,
+            );
+          }
+        }
         const held = new Map(log.map((m) => [m.id, m.claimed_by]));
         for (const [id, agents] of claimedBy) {
+          if (completedBy.has(id)) continue;
           const holders = new Set([...agents, ...namedHolder.get(id) ?? []]);
           assert.equal(
             holders.size,
@@ -495,9 +550,42 @@ Deno.test("SIGKILL mid-stream loses no acknowledged write, over 4 kills and rest
                   agent,
                 }),
               );
-              if (answer.status === 200) add(claimedBy, id, agent), acked++;
-              else if (answer.status === 409) {
-                add(namedHolder, id, (answer.body as Message).claimed_by!);
+              if (answer.status === 200) {
+                add(claimedBy, id, agent), acked++;
+                if (Math.random() < 0.5) return;
+                // Finish the task: done, and its result posted, in one transaction.
+                const tag = `k${cycle}-c${n}-${seq}-done`;
+                sent.add(tag);
+                const done = tally.add(
+                  await send(
+                    `${base}/rooms/r/messages/${id}/complete`,
+                    "POST",
+                    { agent, result: { body: { tag, seq } } },
+                  ),
+                );
+                if (done.status === 200) {
+                  const { result } = done.body as { result: Message };
+                  completedBy.set(id, agent);
+                  resultTags.set(id, tag);
+                  ackedPosts.set(tag, result);
+                  ackedIds.add(result.id);
+                  idsThisCycle.push(result.id);
+                  acked++;
+                } else if (done.status === 0) {
+                  unknownCompletes.set(id, { agent, tag });
+                  unknownPosts.add(tag);
+                } else {
+                  assert.fail(`complete by its holder: ${done.status}`);
+                }
+              } else if (answer.status === 409) {
+                const refusal = answer.body as {
+                  error: string;
+                  claimed_by?: string;
+                  done_by?: string;
+                };
+                if (refusal.error === "already_completed") {
+                  add(namedDone, id, refusal.done_by!);
+                } else add(namedHolder, id, refusal.claimed_by!);
               } else if (answer.status === 0) add(unknownClaims, id, agent);
             }
           });
@@ -515,7 +603,8 @@ Deno.test("SIGKILL mid-stream loses no acknowledged write, over 4 kills and rest
         const inFlight = unknownPosts.size +
           [...counter.values()].reduce((n, c) => n + c.unknown, 0) +
           [...cas.values()].reduce((n, c) => n + c.unknown, 0) +
-          [...unknownClaims.values()].reduce((n, s) => n + s.size, 0);
+          [...unknownClaims.values()].reduce((n, s) => n + s.size, 0) +
+          unknownCompletes.size;
         const log = await verify(server.url, `after kill ${cycle}`);
         console.log(
           `  kill ${cycle}: ${sentAtKill} requests in flight, ${inFlight} unanswered, log ${log.length} messages`,
@@ -571,7 +660,7 @@ Deno.test("SIGKILL mid-stream loses no acknowledged write, over 4 kills and rest
       console.log(
         `crash safety: ${CLIENTS} clients, ${tally.total} requests (${acked} writes acked; ${tally}), ` +
           `${KILLS} SIGKILLs, ${committedUnknowns} in-flight writes found committed, ` +
-          `${ackedPosts.size} messages, nothing acked lost, ` +
+          `${ackedPosts.size} messages, ${completedBy.size} tasks done, nothing acked lost, ` +
           `${retries.length} keyed posts retried (${replayed} replayed), ${
             (performance.now() - t0).toFixed(0)
           } ms`,

@@ -6,6 +6,8 @@
  */
 import { Db } from "./db.ts";
 import { startHranaServer } from "./hrana_server.ts";
+import assert from "node:assert/strict";
+import type { createApp } from "./main.ts";
 
 /** Which database path the suite runs against. */
 export const TEST_DATABASE = Deno.env.get("SYNC_TEST_DATABASE") === "remote"
@@ -98,4 +100,100 @@ export async function startServer(
     await stop("SIGKILL");
     throw error;
   }
+}
+
+/** An app as `createApp` makes it. */
+export type App = ReturnType<typeof createApp>;
+
+/** An answer, its body parsed when it is JSON. */
+export type Reply = { status: number; body: unknown; headers: Headers };
+
+/** Calls an app in-process. */
+export type Call = (
+  method: string,
+  path: string,
+  body?: unknown,
+  headers?: Record<string, string>,
+) => Promise<Reply>;
+
+/** Calls the app; `body` is sent as JSON unless it is already a string. */
+export function caller(app: App): Call {
+  return async (method, path, body, headers = {}) => {
+    const res = await app.request(path, {
+      method,
+      headers: { "content-type": "application/json", ...headers },
+      body: body === undefined
+        ? undefined
+        : typeof body === "string"
+        ? body
+        : JSON.stringify(body),
+    });
+    const type = res.headers.get("content-type") ?? "";
+    return {
+      status: res.status,
+      body: type.includes("json") ? await res.json() : await res.text(),
+      headers: res.headers,
+    };
+  };
+}
+
+const ISO = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/;
+
+const TIME_FIELDS = [
+  "created_at",
+  "joined_at",
+  "updated_at",
+  "last_seen",
+  "claimed_at",
+  "lease_expires_at",
+  "done_at",
+  "expires_at",
+];
+
+/**
+ * Checks every time field is ISO 8601 UTC (or null) and replaces it with "<time>", and
+ * `idle_ms` with "<ms>", and an error's `message` with "<message>" once it is checked
+ * to be a sentence: what is left can be compared whole.
+ */
+export function times(value: unknown): unknown {
+  if (Array.isArray(value)) return value.map(times);
+  if (value === null || typeof value !== "object") return value;
+  if ("error" in value && "docs" in value) {
+    // Every error links to its docs section (checked in openapi_test.ts); compared apart.
+    const { docs, ...rest } = value as Record<string, unknown>;
+    assert.match(String(docs), /^https?:\/\/[^/]+\/README\.md#[a-z-]+$/);
+    return times(rest);
+  }
+  const isError = "error" in value;
+  return Object.fromEntries(
+    Object.entries(value).map(([k, v]) => {
+      if (TIME_FIELDS.includes(k) && v !== null) {
+        assert.match(String(v), ISO, `${k} is ISO 8601 UTC`);
+        return [k, "<time>"];
+      }
+      if (k === "token" || k === "view_token") {
+        assert.match(
+          String(v),
+          /^(room|view|as)_[A-Za-z0-9_-]{43}$/,
+          `${k} is a token`,
+        );
+        return [k, "<token>"];
+      }
+      if (k === "idle_ms") {
+        assert.ok(
+          typeof v === "number" && v >= 0,
+          "idle_ms is a count of milliseconds",
+        );
+        return [k, "<ms>"];
+      }
+      if (isError && k === "message") {
+        assert.ok(
+          typeof v === "string" && v.length > 10,
+          "an error message says what went wrong",
+        );
+        return [k, "<message>"];
+      }
+      return [k, times(v)];
+    }),
+  );
 }

@@ -28,6 +28,8 @@ ol.messages li { border-bottom: 1px solid var(--line); padding: .4rem 0; }
 #status.live { color: #2a2; } #status.down { color: #c33; }
 li.reply { margin-left: 1.5rem; }
 .claim { color: #b60; }
+.claim.done { color: #080; }
+.claim.dead { color: #b00; }
 .status.waiting { color: #2a7ae2; } .status.busy { color: #b60; } .status.done { color: var(--muted); }
 `;
 
@@ -99,6 +101,31 @@ function ago(ms: number): string {
   return `${Math.floor(ms / 3_600_000)}h`;
 }
 
+/**
+ * A message's task status in a few words: who holds it and until when, done by whom,
+ * dead, or open after attempts; nothing for a message never claimed. `lapsed`: as it
+ * reads once the lease runs out. (The page's script says the same: `taskText`.)
+ */
+function taskText(m: Message, lapsed = false): string {
+  const tries = m.max_attempts === null
+    ? `${m.attempts}`
+    : `${m.attempts}/${m.max_attempts}`;
+  if (m.status === "done") return `done by ${m.done_by}`;
+  if (m.status === "dead") return `dead after ${tries} attempts`;
+  if (m.status === "held" && !lapsed) {
+    const until = m.lease_expires_at
+      ? ` until ${clock(m.lease_expires_at)}`
+      : "";
+    return `claimed by ${m.claimed_by}${until} · attempt ${tries}`;
+  }
+  if (m.max_attempts !== null && m.attempts >= m.max_attempts) {
+    return `dead after ${tries} attempts`;
+  }
+  return m.attempts === 0 && m.max_attempts === null
+    ? ""
+    : `open · attempts ${tries}`;
+}
+
 function MessageItem({ m }: { m: Message }) {
   return (
     <li id={`m-${m.id}`} class={m.reply_to === null ? "" : "reply"}>
@@ -111,12 +138,12 @@ function MessageItem({ m }: { m: Message }) {
         {m.reply_to === null
           ? ""
           : <a class="muted" href={`#m-${m.reply_to}`}>↳ #{m.reply_to}</a>}
-        <span class="claim" data-until={m.lease_expires_at ?? ""}>
-          {m.claimed_by === null
-            ? ""
-            : `claimed by ${m.claimed_by}${
-              m.lease_expires_at ? ` until ${clock(m.lease_expires_at)}` : ""
-            }`}
+        <span
+          class={`claim ${m.status}`}
+          data-until={m.lease_expires_at ?? ""}
+          data-lapsed={taskText(m, true)}
+        >
+          {taskText(m)}
         </span>
         <time class="muted" datetime={m.created_at} title={m.created_at}>
           {clock(m.created_at)}
@@ -287,8 +314,19 @@ function ago(ms) {
   if (ms < 3600000) return Math.floor(ms / 60000) + "m";
   return Math.floor(ms / 3600000) + "h";
 }
-const claimText = (m) => m.claimed_by === null ? "" :
-  "claimed by " + m.claimed_by + (m.lease_expires_at ? " until " + clock(m.lease_expires_at) : "");
+function taskText(m, lapsed = false) {
+  const tries = m.max_attempts === null ? String(m.attempts) : m.attempts + "/" + m.max_attempts;
+  if (m.status === "done") return "done by " + m.done_by;
+  if (m.status === "dead") return "dead after " + tries + " attempts";
+  if (m.status === "held" && !lapsed) {
+    return "claimed by " + m.claimed_by + (m.lease_expires_at ? " until " + clock(m.lease_expires_at) : "") +
+      " · attempt " + tries;
+  }
+  if (m.max_attempts !== null && m.attempts >= m.max_attempts) return "dead after " + tries + " attempts";
+  return m.attempts === 0 && m.max_attempts === null ? "" : "open · attempts " + tries;
+}
+const taskSpan = (m) => el("span", { class: "claim " + m.status, "data-until": m.lease_expires_at ?? "",
+  "data-lapsed": taskText(m, true) }, taskText(m));
 
 function messageItem(m) {
   const head = el("div", { class: "head" },
@@ -298,7 +336,7 @@ function messageItem(m) {
     el("span", { class: "muted" }, "→"),
     el("span", { class: "to" }, m.to_agent ?? "everyone"));
   if (m.reply_to !== null) head.append(el("a", { class: "muted", href: "#m-" + m.reply_to }, "↳ #" + m.reply_to));
-  head.append(el("span", { class: "claim", "data-until": m.lease_expires_at ?? "" }, claimText(m)),
+  head.append(taskSpan(m),
     el("time", { class: "muted", datetime: m.created_at, title: m.created_at }, clock(m.created_at)));
   return el("li", { id: "m-" + m.id, class: m.reply_to === null ? "" : "reply" }, head, el("pre", {}, show(m.body)));
 }
@@ -332,7 +370,7 @@ function onClaim(m) {
   fresh.claims.add(m.id);
   const item = document.getElementById("m-" + m.id);
   if (!item) return;
-  item.querySelector(".claim").replaceWith(el("span", { class: "claim", "data-until": m.lease_expires_at ?? "" }, claimText(m)));
+  item.querySelector(".claim").replaceWith(taskSpan(m));
 }
 function onAgent(a) {
   const row = agentRow(a);
@@ -365,7 +403,10 @@ function tickClock() {
     if (row.dataset.expires && Date.parse(row.dataset.expires) <= now) row.remove();
   }
   for (const claim of document.querySelectorAll(".claim[data-until]")) {
-    if (claim.dataset.until && Date.parse(claim.dataset.until) <= now) claim.textContent = "";
+    if (claim.dataset.until && Date.parse(claim.dataset.until) <= now) {
+      claim.textContent = claim.dataset.lapsed;
+      claim.dataset.until = "";
+    }
   }
 }
 setInterval(tickClock, 1000);
@@ -381,7 +422,10 @@ function onReady() {
     if (!fresh.state.has(row.dataset.key)) row.remove();
   }
   for (const item of document.querySelectorAll("#messages li")) {
-    if (!fresh.claims.has(Number(item.id.slice(2)))) item.querySelector(".claim").textContent = "";
+    if (!fresh.claims.has(Number(item.id.slice(2)))) {
+      const claim = item.querySelector(".claim");
+      claim.textContent = claim.dataset.lapsed;
+    }
   }
 }
 

@@ -75,7 +75,8 @@ export async function waitFor<T>(options: {
 /** Could this event add a message that the filter selects? (The database decides.) */
 function mayMatch(filter: MessageFilter, event: RoomEvent): boolean {
   if (event.type === "changed") return true;
-  if (event.type === "claim") return filter.unclaimed !== undefined;
+  // A claim, release or completion changes a message's status.
+  if (event.type === "claim") return filter.statuses !== undefined;
   if (event.type !== "message") return false;
   const m = event.message;
   if (filter.kinds !== undefined && !filter.kinds.includes(m.kind)) {
@@ -113,17 +114,19 @@ export async function waitForMessages(
     signal,
     check: async (recheckAt) => {
       // Waiters on the same filter share one read per event (notify.ts, `shared`);
-      // not for `unclaimed`, which time alone changes (a lease running out).
-      const page = filter.unclaimed === undefined
+      // not on a status, which time alone changes (a lease running out).
+      const page = filter.statuses === undefined
         ? await db.notifier.shared(
           `messages ${roomId} ${JSON.stringify(filter)}`,
           () => listMessagesJson(db, roomId, filter),
         )
         : await listMessagesJson(db, roomId, filter);
       if (page.count > 0) return page;
-      if (filter.unclaimed === true) {
-        // A lease running out frees a message without any write: the next one to
-        // lapse after the moment this page was read.
+      if (
+        filter.statuses?.includes("open") || filter.statuses?.includes("dead")
+      ) {
+        // A lease running out makes a held message open (or dead) without any
+        // write: look again when the next one lapses after this page was read.
         const expiry = await nextLeaseExpiry(
           db,
           roomId,

@@ -25,6 +25,7 @@ import {
   runRaw,
   type Server,
   startBare,
+  startParallel,
   startService,
   stopAll,
 } from "./bench/processes.ts";
@@ -490,6 +491,54 @@ async function caseGetPage(server: Server, refs: References) {
     µs(cpuPerCall(bare)),
     times(cpuPerCall(svc) / cpuPerCall(bare)),
   );
+}
+
+/**
+ * `deno serve --parallel` (a worker per core, each with its own connection to the same
+ * file, as two instances) against the one process of `deno task start`, side by side:
+ * POST and GET 100 at 10 connections, and the wake latency (a waiter and its writer
+ * may be served by different workers, which learn of each other's writes by polling).
+ */
+async function caseParallel(
+  server: Server,
+  parallel: Server,
+  refs: References,
+) {
+  progress("deno serve --parallel against one process");
+  const post = postMessage("post");
+  const page = getPage("page", refs.page);
+  for (
+    const [what, request] of [["POST message", post], [
+      "GET 100 msgs",
+      page,
+    ]] as [
+      string,
+      Request,
+    ][]
+  ) {
+    await load(server.url, request, 10, WARMUP_SECONDS);
+    await load(parallel.url, request, 10, WARMUP_SECONDS);
+    const [one, both] = await sideBySide([
+      httpSlice(`${what}, one process`, server, request, 10),
+      httpSlice(`${what}, --parallel`, parallel, request, 10),
+    ]);
+    addRow(
+      `${what}, 10 conn: deno serve --parallel (vs one process)`,
+      perSecond(rateOf(both)) + flag(`${what}, --parallel`),
+      perSecond(rateOf(one)) + flag(`${what}, one process`),
+      percent(rateOf(both) / rateOf(one)),
+    );
+  }
+  const one = await wakeSamples(server.url, WAKE_SAMPLES);
+  const both = await wakeSamples(parallel.url, WAKE_SAMPLES);
+  for (const p of [50, 99]) {
+    addRow(
+      `wake p${p}: deno serve --parallel (vs one process), ${both.length}`,
+      ms(percentile(both, p)),
+      ms(percentile(one, p)),
+      times(percentile(both, p) / percentile(one, p)),
+    );
+  }
 }
 
 /** A check around a measured run: `before` after the warm-up, `after` answers a note marker. */
@@ -1125,6 +1174,14 @@ async function main(): Promise<void> {
         }
       }],
       ["SSE fan-out", (server) => caseFanOut(server.url, refs)],
+      ["deno serve --parallel", async (server) => {
+        const parallel = await startParallel(dbs.main);
+        try {
+          await caseParallel(server, parallel, refs);
+        } finally {
+          await parallel.stop();
+        }
+      }],
     ];
     for (const [name, run] of cases) {
       await attempt(name, async () => run(await alive()), current);

@@ -8,10 +8,10 @@ import {
   type InValue,
   LibsqlBatchError,
   LibsqlError,
-} from "@libsql/client";
+} from "@libsql/client/web";
 
 import { Notifier } from "./notify.ts";
-import { type Driver, openSqlite, type Row } from "./sqlite.ts";
+import { type Driver, openSqlite, type Row, sqlitePath } from "./sqlite.ts";
 
 /** How to reach the database; `url` is `file:…`, `:memory:`, `libsql://…` or `https://…`. */
 export type DbOptions = {
@@ -147,7 +147,9 @@ export class DatabaseUnavailable extends Error {
  * with such a failure: `SQLITE_ABORT`, sqlite.ts).
  */
 export function isUnavailable(error: unknown): boolean {
-  if (error instanceof DatabaseUnavailable) return true;
+  if (error instanceof DatabaseUnavailable || error instanceof CannotOpen) {
+    return true;
+  }
   if (!(error instanceof LibsqlError)) return false;
   return /^(SERVER_ERROR|HRANA_|STREAM_|PROTOCOL_|SQLITE_(IOERR|FULL|CANTOPEN|READONLY|NOTADB|CORRUPT|ABORT))/
     .test(error.code);
@@ -168,6 +170,7 @@ export class Db {
   #lastFailure: unknown;
   /** SQLite's `data_version` when last asked (see `#othersWrote`). */
   #dataVersion?: number;
+  #saidCannotOpen = false;
 
   constructor(options: DbOptions) {
     this.options = options;
@@ -199,6 +202,12 @@ export class Db {
     const unavailable = error instanceof DatabaseUnavailable
       ? error
       : new DatabaseUnavailable(error);
+    if (error instanceof CannotOpen && !this.#saidCannotOpen) {
+      // Said once, in one line: a host without a writable disk answers every request
+      // 503 until DATABASE_URL names a server.
+      this.#saidCannotOpen = true;
+      console.error(`sync: ${error.message}`);
+    }
     if (!isLocal(this.options.url)) {
       this.#downUntil = Date.now() + REMOTE_RETRY_MS;
       this.#lastFailure = unavailable;
@@ -272,7 +281,7 @@ export class Db {
     // synchronous, so more add no parallelism, and its PRAGMAs hold); a remote URL
     // through @libsql/client. README, "Performance", says why.
     const client: Driver = local
-      ? openSqlite(this.options.url)
+      ? openLocal(this.options.url)
       : this.#guarded(createClient({
         url: this.options.url,
         authToken: this.options.authToken,
@@ -305,6 +314,34 @@ export class Db {
 /** Seconds to whole milliseconds, at least 1, so a tiny TTL or lease is not already over. */
 function millis(seconds: number): number {
   return Math.max(1, Math.ceil(seconds * 1000));
+}
+
+/**
+ * A local database file that cannot be opened: no permission to write it (Deno
+ * Deploy, Val Town: no writable disk), or no such folder. Its message is the one
+ * line an operator needs.
+ */
+export class CannotOpen extends Error {
+  constructor(url: string, cause: unknown) {
+    super(
+      `cannot open the database at ${url}: ${
+        cause instanceof Error ? cause.message : String(cause)
+      }; on a host without a writable disk, set DATABASE_URL to a libsql:// URL (and DATABASE_AUTH_TOKEN)`,
+      { cause },
+    );
+    this.name = "CannotOpen";
+  }
+}
+
+/** Opens a local database, or throws `CannotOpen`. */
+function openLocal(url: string): Driver {
+  // A URL that would open something else is refused as it is (sqlite.ts).
+  sqlitePath(url);
+  try {
+    return openSqlite(url);
+  } catch (error) {
+    throw new CannotOpen(url, error);
+  }
 }
 
 function isLocal(url: string): boolean {

@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import fc from "fast-check";
-import { LibsqlBatchError, LibsqlError } from "@libsql/client";
+import { LibsqlBatchError, LibsqlError } from "@libsql/client/web";
 
 import {
   claimMessage,

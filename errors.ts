@@ -2,7 +2,7 @@
  * The one error shape of the API, `{error, message, ...details}`, made here and only
  * here: handlers throw an `ApiError`, `onError` and `notFound` turn everything into JSON.
  */
-import { LibsqlError } from "@libsql/client";
+import { LibsqlError } from "@libsql/client/web";
 
 import { isUnavailable } from "./db.ts";
 import type { Context, ErrorHandler, NotFoundHandler } from "hono";

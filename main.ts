@@ -12,6 +12,7 @@ import { createMiddleware } from "hono/factory";
 import { NONCE, secureHeaders } from "hono/secure-headers";
 import {
   applyBatch,
+  CannotOpen,
   claimMessage,
   completeMessage,
   createRoom,
@@ -84,13 +85,12 @@ import {
 import * as routes from "./routes.ts";
 import { handleMcp } from "./mcp.ts";
 import { openapi } from "./openapi.ts";
-import { serve } from "./server.ts";
 import { streamRoom } from "./stream.ts";
 import { Landing, MissingRoom, RoomPage } from "./view.tsx";
 import { waitForMessages, waitForState, whileWaiting } from "./waiting.ts";
 
 /** Reads a non-negative integer setting from the environment, or its default. */
-function envInt(name: string, fallback: number): number {
+export function envInt(name: string, fallback: number): number {
   const text = Deno.env.get(name);
   if (text === undefined || text === "") return fallback;
   if (!/^\d+$/.test(text)) {
@@ -101,8 +101,6 @@ function envInt(name: string, fallback: number): number {
 
 const DATABASE_URL = Deno.env.get("DATABASE_URL") || "file:sync.db";
 const DATABASE_AUTH_TOKEN = Deno.env.get("DATABASE_AUTH_TOKEN") || undefined;
-const PORT = envInt("PORT", 8000);
-const HOST = Deno.env.get("HOST") || "0.0.0.0";
 const MAX_BODY_BYTES = envInt("MAX_BODY_BYTES", 256 * 1024);
 const RATE_LIMIT = envInt("RATE_LIMIT", 100);
 const RATE: RateLimit | null = RATE_LIMIT === 0
@@ -348,7 +346,10 @@ export function createApp(options: AppOptions) {
       try {
         await ping(db);
       } catch (error) {
-        console.error("healthz:", error);
+        // A file that cannot be opened was said once already (db.ts).
+        if (!(error instanceof Error && error.cause instanceof CannotOpen)) {
+          console.error("healthz:", error);
+        }
         throw new ApiError(
           "database_unavailable",
           "The database does not answer",
@@ -943,29 +944,34 @@ export type AppType = ReturnType<typeof createApp>;
 /** The database named by `DATABASE_URL`; opened on the first request. */
 export const db = new Db({ url: DATABASE_URL, authToken: DATABASE_AUTH_TOKEN });
 
-/** Aborted when SIGTERM starts the drain, to end long-polls and streams at once. */
+/** Aborted when the process drains (server.ts), to end long-polls and streams at once. */
 const draining = new AbortController();
+
+/** Ends every long-poll and stream: the process is draining (server.ts). */
+export function drain(): void {
+  draining.abort();
+}
 
 /** The service on that database (tests build their own with `createApp`). */
 export const app = createApp({ db, shutdown: draining.signal });
 
-export default app.fetch;
+/**
+ * The service as hosts call it. It is a function from Request to Response (an HTTP
+ * val on Val Town) with `fetch` (what `deno serve` and Deno Deploy look for) and
+ * `onListen` (`deno serve`'s start-up line). Importing this module starts nothing and
+ * opens nothing: the database opens on the first request, and `deno task start`
+ * listens through server.ts, with the drain on SIGTERM. main.ts cannot listen itself:
+ * `import.meta.main` is true under `deno serve` too (deno issue 29447).
+ */
+const handler = Object.assign(
+  (request: Request): Response | Promise<Response> => app.fetch(request),
+  {
+    fetch: (request: Request) => app.fetch(request),
+    onListen: ({ hostname, port }: Deno.NetAddr) =>
+      console.log(
+        `sync listening on http://${hostname}:${port} (pid ${Deno.pid})`,
+      ),
+  },
+);
 
-if (import.meta.main) {
-  try {
-    await db.client();
-  } catch (error) {
-    console.error(
-      `sync: cannot open the database at ${DATABASE_URL.split("?")[0]}: ${
-        error instanceof Error ? error.message : error
-      }`,
-    );
-    Deno.exit(1);
-  }
-  serve(app.fetch, {
-    db,
-    port: PORT,
-    hostname: HOST,
-    onDrain: () => draining.abort(),
-  });
-}
+export default handler;

@@ -4,7 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { hc } from "hono/client";
-import type { InArgs, InStatement } from "@libsql/client";
+import type { InArgs, InStatement } from "@libsql/client/web";
 import { Db, type Message, MIGRATIONS, schemaVersion } from "./db.ts";
 import { type AppType, createApp } from "./main.ts";
 import { type Call, caller, freshDb } from "./testing.ts";

@@ -1,9 +1,13 @@
 /**
- * Runs the app as a process: listens, and on SIGTERM or SIGINT drains (refuses new
- * requests, ends long-polls and streams through `onDrain`, lets the requests in flight
- * finish), closes the database and exits.
+ * Runs the app as a process (`deno task start`): listens, and on SIGTERM or SIGINT
+ * drains (refuses new requests, ends long-polls and streams through `onDrain`, lets the
+ * requests in flight finish), closes the database and exits.
  */
-import type { Db } from "./db.ts";
+import { CannotOpen, type Db } from "./db.ts";
+import { app, db, drain, envInt } from "./main.ts";
+
+const PORT = envInt("PORT", 8000);
+const HOST = Deno.env.get("HOST") || "0.0.0.0";
 
 /** How long a drain waits for requests in flight before exiting anyway. */
 const DRAIN_TIMEOUT_MS = 10_000;
@@ -102,4 +106,22 @@ function closeAfter(response: Response): void {
   } catch {
     // Immutable headers (a response passed through from fetch): nothing to say.
   }
+}
+
+/** `deno task start`: opens the database (or says why it cannot), then serves. */
+if (import.meta.main) {
+  try {
+    await db.client();
+  } catch (error) {
+    // A file that cannot be opened was said in one line already (db.ts).
+    if (!(error instanceof Error && error.cause instanceof CannotOpen)) {
+      console.error(
+        `sync: cannot open the database at ${db.options.url.split("?")[0]}: ${
+          error instanceof Error ? error.message : error
+        }`,
+      );
+    }
+    Deno.exit(1);
+  }
+  serve(app.fetch, { db, port: PORT, hostname: HOST, onDrain: drain });
 }

@@ -12,7 +12,7 @@ import {
   type InValue,
   LibsqlBatchError,
   LibsqlError,
-} from "@libsql/client";
+} from "@libsql/client/web";
 
 /** A value read from a row: what both drivers can answer. */
 export type Value = null | string | number | bigint | ArrayBuffer | Uint8Array;

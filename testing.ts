@@ -44,12 +44,16 @@ export type Server = {
   stop: (signal?: Deno.Signal) => Promise<Deno.CommandStatus>;
 };
 
-/** Runs `deno task start` on a free port of 127.0.0.1 with `env` and waits for it to listen. */
+/**
+ * Runs `deno task start` (or deno with `args`, such as `deno serve`) on a free port of
+ * 127.0.0.1 with `env` and waits for it to listen.
+ */
 export async function startServer(
   env: Record<string, string>,
+  args = ["task", "start"],
 ): Promise<Server> {
   const child = new Deno.Command(Deno.execPath(), {
-    args: ["task", "start"],
+    args,
     cwd: ROOT,
     env: { PORT: "0", HOST: "127.0.0.1", NO_COLOR: "1", ...env },
     stdout: "piped",

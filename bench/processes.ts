@@ -117,6 +117,30 @@ export function startService(
   });
 }
 
+/**
+ * The service as `deno serve --parallel main.ts` (one worker per core, sharing
+ * `dbFile` as instances do) on a fixed free port: with port 0 each worker would get a
+ * port of its own.
+ */
+export function startParallel(dbFile: string): Promise<Server> {
+  const probe = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const { port } = probe.addr as Deno.NetAddr;
+  probe.close();
+  return startServer("service (deno serve --parallel)", [
+    "serve",
+    "--parallel",
+    "--allow-net",
+    "--allow-env",
+    "--allow-read",
+    "--allow-write",
+    "--host",
+    "127.0.0.1",
+    "--port",
+    String(port),
+    "main.ts",
+  ], { DATABASE_URL: `file:${dbFile}`, RATE_LIMIT: "0" });
+}
+
 /** The bare Hono app (bench/bare.ts) on the same runtime. */
 export function startBare(): Promise<Server> {
   return startServer("bare Hono", [

@@ -7,7 +7,14 @@
 import assert from "node:assert/strict";
 import { type Agent, Db, type Message, type StateEntry } from "./db.ts";
 import { createApp } from "./main.ts";
-import { type Call, caller, freshDb, type Reply, times } from "./testing.ts";
+import {
+  type Call,
+  caller,
+  freshDb,
+  message,
+  type Reply,
+  times,
+} from "./testing.ts";
 
 type App = ReturnType<typeof createApp>;
 type Api = { app: App; db: Db; call: Call };
@@ -45,33 +52,6 @@ function entry(
     version,
     updated_at: "<time>",
     expires_at: null,
-    ...more,
-  };
-}
-
-/** A message of room "r" as `times()` leaves it. */
-function message(
-  id: number,
-  body: unknown,
-  more: Record<string, unknown> = {},
-) {
-  return {
-    id,
-    room_id: "r",
-    from_agent: null,
-    to_agent: null,
-    kind: "message",
-    body,
-    created_at: "<time>",
-    reply_to: null,
-    claimed_by: null,
-    claimed_at: null,
-    lease_expires_at: null,
-    status: "open",
-    attempts: 0,
-    max_attempts: null,
-    done_at: null,
-    done_by: null,
     ...more,
   };
 }

@@ -291,6 +291,20 @@ async function npx(args: string[], cwd: string) {
   return { code, out: decode(stdout) + decode(stderr) };
 }
 
+/** Runs `fn` in a temp folder holding the document as `openapi.json`. */
+async function withDocument(fn: (dir: string) => Promise<void>) {
+  await withApp(async (app) => {
+    const dir = await Deno.makeTempDir();
+    try {
+      const { doc } = await documentOf(app, "https://sync.test");
+      await Deno.writeTextFile(`${dir}/openapi.json`, JSON.stringify(doc));
+      await fn(dir);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  });
+}
+
 // These run the clients once: they read the document, not the database.
 const clientsToo = TEST_DATABASE === "embedded";
 
@@ -299,19 +313,15 @@ Deno.test({
     "openapi-typescript generates types from the document that a client type-checks against",
   ignore: !clientsToo,
   async fn() {
-    await withApp(async (app) => {
-      const dir = await Deno.makeTempDir();
-      try {
-        const { doc } = await documentOf(app, "https://sync.test");
-        await Deno.writeTextFile(`${dir}/openapi.json`, JSON.stringify(doc));
-        const generated = await npx(
-          ["openapi-typescript@7.13.0", "openapi.json", "-o", "types.ts"],
-          dir,
-        );
-        assert.equal(generated.code, 0, generated.out);
-        await Deno.writeTextFile(
-          `${dir}/client.ts`,
-          `import type { components, paths } from "./types.ts";
+    await withDocument(async (dir) => {
+      const generated = await npx(
+        ["openapi-typescript@7.13.0", "openapi.json", "-o", "types.ts"],
+        dir,
+      );
+      assert.equal(generated.code, 0, generated.out);
+      await Deno.writeTextFile(
+        `${dir}/client.ts`,
+        `import type { components, paths } from "./types.ts";
 type Post = paths["/rooms/{id}/messages"]["post"];
 type Message = Post["responses"][201]["content"]["application/json"];
 type Problem = components["schemas"]["Error"];
@@ -334,22 +344,19 @@ export async function post(
 export const version = (entry: Entry): number => entry.version;
 export const code = (problem: Problem): string => problem.error;
 `,
-        );
-        const checked = await new Deno.Command(Deno.execPath(), {
-          args: ["check", "--no-config", "client.ts"],
-          cwd: dir,
-          env: { NO_COLOR: "1" },
-          stdout: "piped",
-          stderr: "piped",
-        }).output();
-        assert.equal(
-          checked.code,
-          0,
-          new TextDecoder().decode(checked.stderr),
-        );
-      } finally {
-        await Deno.remove(dir, { recursive: true });
-      }
+      );
+      const checked = await new Deno.Command(Deno.execPath(), {
+        args: ["check", "--no-config", "client.ts"],
+        cwd: dir,
+        env: { NO_COLOR: "1" },
+        stdout: "piped",
+        stderr: "piped",
+      }).output();
+      assert.equal(
+        checked.code,
+        0,
+        new TextDecoder().decode(checked.stderr),
+      );
     });
   },
 });
@@ -358,32 +365,25 @@ Deno.test({
   name: "Redocly's linter finds no error and no warning in the document",
   ignore: !clientsToo,
   async fn() {
-    await withApp(async (app) => {
-      const dir = await Deno.makeTempDir();
-      try {
-        const { doc } = await documentOf(app, "https://sync.test");
-        await Deno.writeTextFile(`${dir}/openapi.json`, JSON.stringify(doc));
-        // Redocly's recommended rules, less `info-license`: the project has not
-        // chosen a license, and the document must not claim one.
-        await Deno.writeTextFile(
-          `${dir}/redocly.yaml`,
-          "extends:\n  - recommended\nrules:\n  info-license: off\n",
-        );
-        const lint = await npx(
-          ["@redocly/cli@2.77.0", "lint", "openapi.json"],
-          dir,
-        );
-        assert.equal(lint.code, 0, lint.out);
-        assert.match(lint.out, /Your API description is valid/);
-        assert.doesNotMatch(
-          lint.out,
-          /(Warning|Error) was generated/,
-          lint.out,
-        );
-        assert.doesNotMatch(lint.out, /You have \d+ (warning|error)/, lint.out);
-      } finally {
-        await Deno.remove(dir, { recursive: true });
-      }
+    await withDocument(async (dir) => {
+      // Redocly's recommended rules, less `info-license`: the project has not
+      // chosen a license, and the document must not claim one.
+      await Deno.writeTextFile(
+        `${dir}/redocly.yaml`,
+        "extends:\n  - recommended\nrules:\n  info-license: off\n",
+      );
+      const lint = await npx(
+        ["@redocly/cli@2.77.0", "lint", "openapi.json"],
+        dir,
+      );
+      assert.equal(lint.code, 0, lint.out);
+      assert.match(lint.out, /Your API description is valid/);
+      assert.doesNotMatch(
+        lint.out,
+        /(Warning|Error) was generated/,
+        lint.out,
+      );
+      assert.doesNotMatch(lint.out, /You have \d+ (warning|error)/, lint.out);
     });
   },
 });

@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import type { Message } from "./db.ts";
 import { createApp } from "./main.ts";
-import { type Call, caller, freshDb, times } from "./testing.ts";
+import { type Call, caller, freshDb, message, times } from "./testing.ts";
 
 type Completed = { completed: boolean; message: Message; result: Message };
 
@@ -63,25 +63,7 @@ async function read(call: Call, id: number): Promise<Message> {
 
 /** The `times()` shape of a task message of room "r". */
 function shape(id: number, body: unknown, more: Record<string, unknown> = {}) {
-  return {
-    id,
-    room_id: "r",
-    from_agent: null,
-    to_agent: null,
-    kind: "task",
-    body,
-    created_at: "<time>",
-    reply_to: null,
-    claimed_by: null,
-    claimed_at: null,
-    lease_expires_at: null,
-    status: "open",
-    attempts: 0,
-    max_attempts: null,
-    done_at: null,
-    done_by: null,
-    ...more,
-  };
+  return message(id, body, { kind: "task", ...more });
 }
 
 test("a new message is open, with no attempts and no limit", async (call) => {

@@ -201,3 +201,30 @@ export function times(value: unknown): unknown {
     }),
   );
 }
+
+/** A message of room "r" as `times()` leaves it. */
+export function message(
+  id: number,
+  body: unknown,
+  more: Record<string, unknown> = {},
+) {
+  return {
+    id,
+    room_id: "r",
+    from_agent: null,
+    to_agent: null,
+    kind: "message",
+    body,
+    created_at: "<time>",
+    reply_to: null,
+    claimed_by: null,
+    claimed_at: null,
+    lease_expires_at: null,
+    status: "open",
+    attempts: 0,
+    max_attempts: null,
+    done_at: null,
+    done_by: null,
+    ...more,
+  };
+}

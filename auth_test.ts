@@ -5,6 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { Db } from "./db.ts";
+import { notifierOf } from "./notify.ts";
 import { createApp } from "./main.ts";
 import { freshDb } from "./testing.ts";
 import type { RateLimit } from "./limits.ts";
@@ -97,8 +98,8 @@ function sleep(ms: number): Promise<void> {
 
 /** Waits until no stream or long-poll holds a subscription, so no timer outlives a test. */
 async function settled(db: Db): Promise<void> {
-  for (let i = 0; i < 100 && db.notifier.size > 0; i++) await sleep(10);
-  assert.equal(db.notifier.size, 0, "every subscription was let go");
+  for (let i = 0; i < 100 && notifierOf(db).size > 0; i++) await sleep(10);
+  assert.equal(notifierOf(db).size, 0, "every subscription was let go");
 }
 
 /** Asserts a status, showing the body when it differs. */

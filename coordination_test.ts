@@ -6,6 +6,7 @@
  */
 import assert from "node:assert/strict";
 import { type Agent, Db, type Message, type StateEntry } from "./db.ts";
+import { notifierOf } from "./notify.ts";
 import { createApp } from "./main.ts";
 import {
   type Call,
@@ -2403,8 +2404,12 @@ async function withStream(
     await fn(events, res);
   } finally {
     await events.cancel();
-    for (let i = 0; i < 100 && db.notifier.size > 0; i++) await sleep(10);
-    assert.equal(db.notifier.size, 0, "the stream let go of its subscription");
+    for (let i = 0; i < 100 && notifierOf(db).size > 0; i++) await sleep(10);
+    assert.equal(
+      notifierOf(db).size,
+      0,
+      "the stream let go of its subscription",
+    );
   }
 }
 

@@ -10,7 +10,6 @@ import {
   LibsqlError,
 } from "@libsql/client/web";
 
-import { Notifier } from "./notify.ts";
 import { type Driver, openSqlite, type Row, sqlitePath } from "./sqlite.ts";
 
 /** How to reach the database; `url` is `file:…`, `:memory:`, `libsql://…` or `https://…`. */
@@ -21,6 +20,24 @@ export type DbOptions = {
   timeoutMs?: number;
   /** Schema changes after version 1, in order: entry i brings version i+1 to i+2. */
   migrations?: string[][];
+};
+
+/**
+ * What a write changed, reported after it commits to whoever watches the database
+ * (`Db.watch`; the notifier, notify.ts): storage knows nothing of who listens.
+ */
+export type Change =
+  | { type: "message"; message: Message }
+  | { type: "claim"; message: Message }
+  | { type: "state"; scope: string; key: string; entry: StateEntry | null }
+  | { type: "agent"; agent: Agent }
+  /** Who may read the room changed (deleted, a token rotated). */
+  | { type: "access" };
+
+/** One who watches a database: told each change, and when it closes. */
+export type Watcher = {
+  changed: (room: string, change: Change) => void;
+  closed: () => void;
 };
 
 export type Room = {
@@ -161,23 +178,35 @@ export function isUnavailable(error: unknown): boolean {
  */
 export class Db {
   readonly options: DbOptions;
-  /** Wakes long-polls and streams after each write (see notify.ts). */
-  readonly notifier: Notifier;
+  /** Who is told of each change (the notifier, notify.ts). */
+  readonly #watchers = new Set<Watcher>();
   #ready?: Promise<Driver>;
   #client?: Driver;
   /** Until when queries fail at once after a remote failure (ms since the epoch). */
   #downUntil = 0;
   #lastFailure: unknown;
-  /** SQLite's `data_version` when last asked (see `#othersWrote`). */
+  /** SQLite's `data_version` when last asked (see `othersWrote`). */
   #dataVersion?: number;
   #saidCannotOpen = false;
 
   constructor(options: DbOptions) {
     this.options = options;
-    this.notifier = new Notifier(
-      (rooms) => roomRevs(this, rooms),
-      isLocal(options.url) ? () => this.#othersWrote() : undefined,
-    );
+  }
+
+  /** Whether the database is a local file or `:memory:` (one process may share it). */
+  get local(): boolean {
+    return isLocal(this.options.url);
+  }
+
+  /** Tells `watcher` of every change from now on, until the returned function is called. */
+  watch(watcher: Watcher): () => void {
+    this.#watchers.add(watcher);
+    return () => this.#watchers.delete(watcher);
+  }
+
+  /** Reports a change that has committed. */
+  changed(room: string, change: Change): void {
+    for (const watcher of this.#watchers) watcher.changed(room, change);
   }
 
   /**
@@ -257,7 +286,7 @@ export class Db {
    * the last call. SQLite's `data_version` does not move for this connection's own
    * writes, which notify their waiters directly.
    */
-  async #othersWrote(): Promise<boolean> {
+  async othersWrote(): Promise<boolean> {
     const [row] = await all(this, "PRAGMA data_version");
     const version = Number(row.data_version);
     const changed = version !== this.#dataVersion;
@@ -267,7 +296,7 @@ export class Db {
 
   /** Closes the client; later queries open it again. */
   close(): void {
-    this.notifier.stop();
+    for (const watcher of this.#watchers) watcher.closed();
     this.#client?.close();
     this.#client = undefined;
     this.#ready = undefined;
@@ -588,7 +617,7 @@ export async function deleteRoom(db: Db, id: string): Promise<boolean> {
     ].map((sql) => ({ sql, args: [id] })),
     "write",
   );
-  db.notifier.publish(id, { type: "access" });
+  db.changed(id, { type: "access" });
   return results.at(-1)!.rowsAffected > 0;
 }
 
@@ -653,7 +682,7 @@ export async function insertAgent(
   });
   if (!row) return null;
   const registered = toAgent(row, now);
-  db.notifier.publish(agent.room_id, { type: "agent", agent: registered });
+  db.changed(agent.room_id, { type: "agent", agent: registered });
   return registered;
 }
 
@@ -690,10 +719,10 @@ export async function updateAgent(
   });
   if (!row) return null;
   const updated = toAgent(row, now);
-  db.notifier.publish(agent.room_id, { type: "agent", agent: updated });
+  db.changed(agent.room_id, { type: "agent", agent: updated });
   // A rotated token must stop working for waits and streams already open too.
   if (agent.token_hash !== undefined) {
-    db.notifier.publish(agent.room_id, { type: "access" });
+    db.changed(agent.room_id, { type: "access" });
   }
   return updated;
 }
@@ -750,7 +779,7 @@ export async function touchAgent(
   });
   if (!row) return null;
   const agent = toAgent(row, now);
-  db.notifier.publish(roomId, { type: "agent", agent });
+  db.changed(roomId, { type: "agent", agent });
   return agent;
 }
 
@@ -768,7 +797,7 @@ export async function endWaiting(
     args: [status, now, roomId, id],
   });
   if (row) {
-    db.notifier.publish(roomId, { type: "agent", agent: toAgent(row, now) });
+    db.changed(roomId, { type: "agent", agent: toAgent(row, now) });
   }
 }
 
@@ -885,7 +914,7 @@ export async function insertMessage(
   }
   if (rows.length === 0) return null;
   const inserted = toMessage(rows[0], now);
-  db.notifier.publish(roomId, { type: "message", message: inserted });
+  db.changed(roomId, { type: "message", message: inserted });
   return inserted;
 }
 
@@ -1127,7 +1156,7 @@ async function claimOutcome(
 ): Promise<ClaimResult> {
   if (!row) return { ok: false, message: await getMessage(db, roomId, id) };
   const message = toMessage(row, now);
-  db.notifier.publish(roomId, { type: "claim", message });
+  db.changed(roomId, { type: "claim", message });
   return { ok: true, message };
 }
 
@@ -1220,8 +1249,8 @@ export async function completeMessage(
   const reply = result === undefined
     ? null
     : toMessage(answers[taken.length + 2].rows[0], now);
-  if (reply) db.notifier.publish(roomId, { type: "message", message: reply });
-  db.notifier.publish(roomId, { type: "claim", message });
+  if (reply) db.changed(roomId, { type: "message", message: reply });
+  db.changed(roomId, { type: "claim", message });
   return { ok: true, message, result: reply };
 }
 
@@ -1468,7 +1497,7 @@ function publishState(
   result: WriteResult,
 ): void {
   if (!result.ok || (op.delete && !result.deleted)) return;
-  db.notifier.publish(roomId, {
+  db.changed(roomId, {
     type: "state",
     scope: op.scope,
     key: op.key,
@@ -1647,7 +1676,7 @@ export async function applyBatch(
       const entry = state[i];
       const deleted = "deleted" in entry;
       if (deleted && !entry.deleted) return;
-      db.notifier.publish(roomId, {
+      db.changed(roomId, {
         type: "state",
         scope: op.scope,
         key: op.key,
@@ -1655,7 +1684,7 @@ export async function applyBatch(
       });
     });
     for (const message of appended) {
-      db.notifier.publish(roomId, { type: "message", message });
+      db.changed(roomId, { type: "message", message });
     }
     return { ok: true, state, messages: appended };
   }

@@ -18,6 +18,7 @@ import assert from "node:assert/strict";
 import fc from "fast-check";
 import { STATUSES } from "./db.ts";
 import { type ErrorCode, ERRORS } from "./errors.ts";
+import { notifierOf } from "./notify.ts";
 import { createApp } from "./main.ts";
 import { hasNulKey } from "./schemas.ts";
 import { freshDb, TEST_DATABASE } from "./testing.ts";
@@ -1470,11 +1471,11 @@ async function withFuzzApp(
 
     /** A stream or long-poll lets go of the room once its client has gone. */
     const settled = async (listening: number, what: string) => {
-      for (let i = 0; i < 200 && db.notifier.size > listening; i++) {
+      for (let i = 0; i < 200 && notifierOf(db).size > listening; i++) {
         await sleep(10);
       }
       assert.ok(
-        db.notifier.size <= listening,
+        notifierOf(db).size <= listening,
         `A stream or wait outlived its request: ${what}`,
       );
     };
@@ -1483,7 +1484,7 @@ async function withFuzzApp(
     const exchange = async (requests: [Draft, Dress][], together: boolean) => {
       const all = requests.map(([draft, d]) => toWire(draft, d, fixture));
       const wires = all;
-      const listening = db.notifier.size;
+      const listening = notifierOf(db).size;
       let deleted = false;
       if (together) {
         deleted = (await Promise.all(wires.map(one))).includes(true);
@@ -1498,10 +1499,14 @@ async function withFuzzApp(
     };
 
     await fn({ exchange, tally });
-    assert.equal(db.notifier.size, 0, "a stream or wait outlived its request");
+    assert.equal(
+      notifierOf(db).size,
+      0,
+      "a stream or wait outlived its request",
+    );
   } finally {
     drain.abort();
-    for (let i = 0; i < 200 && db.notifier.size > 0; i++) await sleep(10);
+    for (let i = 0; i < 200 && notifierOf(db).size > 0; i++) await sleep(10);
     await close();
   }
 }
@@ -2492,15 +2497,15 @@ Deno.test("HEAD /rooms/:id/stream answers without leaving the stream running", a
     assert.equal(res.body, null);
     // On the remote database the stream subscribes a few milliseconds after answering.
     await sleep(250);
-    for (let i = 0; i < 100 && db.notifier.size > 0; i++) await sleep(10);
+    for (let i = 0; i < 100 && notifierOf(db).size > 0; i++) await sleep(10);
     assert.equal(
-      db.notifier.size,
+      notifierOf(db).size,
       0,
       "the stream behind a HEAD answer still runs",
     );
   } finally {
     drain.abort();
-    for (let i = 0; i < 100 && db.notifier.size > 0; i++) await sleep(10);
+    for (let i = 0; i < 100 && notifierOf(db).size > 0; i++) await sleep(10);
     await close();
   }
 });

@@ -8,17 +8,36 @@
  */
 import { setImmediate } from "node:timers";
 
-import type { Agent, Message, StateEntry } from "./db.ts";
+import { type Change, type Db, roomRevs } from "./db.ts";
 
-/** What changed in a room. `changed` means "something, on another instance". */
-export type RoomEvent =
-  | { type: "message"; message: Message }
-  | { type: "claim"; message: Message }
-  | { type: "state"; scope: string; key: string; entry: StateEntry | null }
-  | { type: "agent"; agent: Agent }
-  | { type: "changed" }
-  /** Who may read the room changed (deleted, a token rotated): waiters check again. */
-  | { type: "access" };
+/**
+ * What changed in a room: a change this process committed (db.ts), or `changed`,
+ * "something, on another instance". On `access` waiters check their access again.
+ */
+export type RoomEvent = Change | { type: "changed" };
+
+const notifiers = new WeakMap<Db, Notifier>();
+
+/**
+ * The notifier of a database, made on first use: it watches the database's changes
+ * and polls for other instances' writes while anyone listens.
+ */
+export function notifierOf(db: Db): Notifier {
+  let notifier = notifiers.get(db);
+  if (notifier === undefined) {
+    const made = new Notifier(
+      (rooms) => roomRevs(db, rooms),
+      db.local ? () => db.othersWrote() : undefined,
+    );
+    db.watch({
+      changed: (room, change) => made.publish(room, change),
+      closed: () => made.stop(),
+    });
+    notifiers.set(db, made);
+    notifier = made;
+  }
+  return notifier;
+}
 
 type Listener = (event: RoomEvent) => void;
 

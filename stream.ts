@@ -19,6 +19,7 @@ import {
   type StateEntry,
   type TaskStatus,
 } from "./db.ts";
+import { notifierOf } from "./notify.ts";
 
 /** How often an idle stream sends a keepalive comment (ms). */
 export const KEEPALIVE_MS = 15_000;
@@ -72,7 +73,7 @@ export function streamRoom(
     };
     let wake = Promise.withResolvers<void>();
     const rev = await roomRev(db, roomId);
-    const unsubscribe = db.notifier.subscribe(roomId, rev, (event) => {
+    const unsubscribe = notifierOf(db).subscribe(roomId, rev, (event) => {
       if (event.type === "message") pending.messages = true;
       else if (event.type === "changed") pending.changed = true;
       else if (event.type === "access") pending.access = true;
@@ -104,7 +105,7 @@ export function streamRoom(
     const catchUp = async () => {
       for (;;) {
         const after = cursor;
-        const page = await db.notifier.shared(
+        const page = await notifierOf(db).shared(
           `stream ${roomId} ${after} ${statuses}`,
           () =>
             listMessages(db, roomId, {

@@ -16,7 +16,7 @@ import {
   type Status,
   touchAgent,
 } from "./db.ts";
-import type { Notifier, RoomEvent } from "./notify.ts";
+import { type Notifier, notifierOf, type RoomEvent } from "./notify.ts";
 
 /**
  * Long-poll: runs `check` until it returns a value, an event for which `wakes` is true
@@ -107,7 +107,7 @@ export async function waitForMessages(
 ): Promise<MessagePage> {
   if (seconds <= 0) return listMessagesJson(db, roomId, filter);
   const found = await waitFor({
-    notifier: db.notifier,
+    notifier: notifierOf(db),
     room: roomId,
     rev: await roomRev(db, roomId),
     ms: seconds * 1000,
@@ -116,7 +116,7 @@ export async function waitForMessages(
       // Waiters on the same filter share one read per event (notify.ts, `shared`);
       // not on a status, which time alone changes (a lease running out).
       const page = filter.statuses === undefined
-        ? await db.notifier.shared(
+        ? await notifierOf(db).shared(
           `messages ${roomId} ${JSON.stringify(filter)}`,
           () => listMessagesJson(db, roomId, filter),
         )
@@ -165,7 +165,7 @@ export async function waitForState(
     return entry.version > afterVersion ? { entry } : undefined;
   };
   const found = await waitFor({
-    notifier: db.notifier,
+    notifier: notifierOf(db),
     room: roomId,
     rev: await roomRev(db, roomId),
     ms: seconds * 1000,

@@ -4,7 +4,7 @@
  */
 import { LibsqlError } from "@libsql/client/web";
 
-import { isUnavailable } from "./db.ts";
+import { isUnavailable, type Message, type WriteResult } from "./db.ts";
 import type { Context, ErrorHandler, NotFoundHandler } from "hono";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
 
@@ -230,3 +230,111 @@ export const notFound: NotFoundHandler = (c) =>
       `There is no route ${c.req.method} ${c.req.path}; GET / lists the API`,
     ),
   );
+
+// ---- the errors of the routes, each built in one place ----
+
+/** Why a claim was refused: done, out of attempts, or held by another agent. */
+export function notClaimable(message: Message): ApiError {
+  if (message.status === "done") return alreadyCompleted(message);
+  if (message.status === "dead") {
+    return new ApiError(
+      "attempts_exhausted",
+      `Message ${message.id} used its ${message.max_attempts} attempts and is dead; it cannot be claimed again`,
+      { attempts: message.attempts, max_attempts: message.max_attempts },
+    );
+  }
+  return alreadyClaimed(message);
+}
+
+export function alreadyCompleted(message: Message): ApiError {
+  return new ApiError(
+    "already_completed",
+    `Message ${message.id} was completed by "${message.done_by}" at ${message.done_at}`,
+    { done_by: message.done_by, done_at: message.done_at },
+  );
+}
+
+/** The 409 for a complete by an agent without a live claim on the message. */
+export function notHolder(message: Message, agent: string): ApiError {
+  return new ApiError(
+    "not_holder",
+    message.claimed_by === null
+      ? `Agent "${agent}" does not hold message ${message.id}: nobody does (its lease may have run out); drop the work or claim it again`
+      : `Agent "${agent}" does not hold message ${message.id}: "${message.claimed_by}" does; drop the work`,
+    {
+      claimed_by: message.claimed_by,
+      claimed_at: message.claimed_at,
+      lease_expires_at: message.lease_expires_at,
+    },
+  );
+}
+
+export function agentNotFound(roomId: string, id: string): ApiError {
+  return new ApiError(
+    "agent_not_found",
+    `Agent "${id}" is not registered in room "${roomId}"`,
+    {
+      agent_id: id,
+    },
+  );
+}
+
+export function messageNotFound(roomId: string, id: number): ApiError {
+  return new ApiError(
+    "message_not_found",
+    `Message ${id} does not exist in room "${roomId}"`,
+    {
+      message_id: id,
+    },
+  );
+}
+
+export function replyNotFound(roomId: string, id: number): ApiError {
+  return new ApiError(
+    "invalid_request",
+    `Invalid request body: reply_to ${id} is not a message of room "${roomId}"`,
+    { field: "reply_to" },
+  );
+}
+
+export function alreadyClaimed(message: Message): ApiError {
+  return new ApiError(
+    "already_claimed",
+    `Message ${message.id} is claimed by "${message.claimed_by}"${
+      message.lease_expires_at ? ` until ${message.lease_expires_at}` : ""
+    }`,
+    {
+      claimed_by: message.claimed_by,
+      claimed_at: message.claimed_at,
+      lease_expires_at: message.lease_expires_at,
+    },
+  );
+}
+
+/** The 409 for a refused state write, with the whole current entry. */
+export function refused(
+  result: WriteResult & { ok: false },
+  expected?: number,
+): ApiError {
+  if (result.reason === "not_a_number") {
+    return new ApiError(
+      "not_a_number",
+      `Cannot increment: the current value of "${result.current?.key}" is not a number`,
+      { current: result.current },
+    );
+  }
+  if (result.reason === "out_of_range") {
+    return new ApiError(
+      "out_of_range",
+      `Cannot increment: the sum would be too large for a JSON number; nothing was written`,
+      { current: result.current },
+    );
+  }
+  return new ApiError(
+    "version_conflict",
+    `Expected version ${expected} but the key is ${
+      result.current ? `at version ${result.current.version}` : "absent"
+    }; current holds the entry as it is`,
+    { expected_version: expected, current: result.current },
+  );
+}

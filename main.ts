@@ -5,7 +5,6 @@
  */
 import { OpenAPIHono } from "@hono/zod-openapi";
 import type { Context, TypedResponse } from "hono";
-import type { JSONParsed } from "hono/utils/types";
 import { bodyLimit } from "hono/body-limit";
 import { cors } from "hono/cors";
 import { createMiddleware } from "hono/factory";
@@ -20,30 +19,24 @@ import {
   deleteRoom,
   findRoom,
   getAgent,
-  getIdempotent,
   getRoom,
-  type Idempotency,
   IDEMPOTENCY_TTL_MS,
   insertAgent,
   insertMessage,
-  isKeyTaken,
   listAgents,
   listMessages,
   listRooms,
   listState,
-  type Message,
   type MessageFilter,
   type NewMessage,
   ping,
   recentMessages,
   releaseMessage,
   type Room,
-  saveIdempotent,
   type StateEntry,
   type TaskStatus,
   touchAgent,
   updateAgent,
-  type WriteResult,
   writeState,
 } from "./db.ts";
 import {
@@ -58,20 +51,26 @@ import {
   mayWrite,
   mayWriteScope,
   newToken,
-  sha256,
 } from "./auth.ts";
 import { skill, usage } from "./docs.ts";
 import { type RateLimit, RateLimiter } from "./limits.ts";
 import {
+  agentNotFound,
+  alreadyClaimed,
+  alreadyCompleted,
   ApiError,
   errorResponse,
+  messageNotFound,
+  notClaimable,
   notFound,
+  notHolder,
   onError,
+  refused,
+  replyNotFound,
   roomNotFound,
 } from "./errors.ts";
 import {
   Id,
-  IdempotencyKey,
   jsonBody,
   MAX_BATCH,
   MAX_JSON_DEPTH,
@@ -83,6 +82,7 @@ import {
   SHARED,
 } from "./schemas.ts";
 import * as routes from "./routes.ts";
+import { once } from "./idempotency.ts";
 import { handleMcp } from "./mcp.ts";
 import { openapi } from "./openapi.ts";
 import { streamRoom } from "./stream.ts";
@@ -194,69 +194,6 @@ export function createApp(options: AppOptions) {
     mayWrite(c.var.room, c.var.caller);
     await next();
   });
-
-  /**
-   * Runs a write once per Idempotency-Key: a repeat of the same request gets the stored
-   * first answer (with `Idempotent-Replayed: true`) and writes nothing; the key on
-   * another request (path or body) is 422 `idempotency_key_reused`.
-   */
-  const once = async <T extends object, S extends 200 | 201>(
-    c: Context,
-    roomId: string,
-    caller: Caller,
-    write: (
-      idempotency?: Idempotency,
-    ) => Promise<{ status: S; body: T; stored?: boolean }>,
-  ): Promise<Response & TypedResponse<JSONParsed<T>, S, "json">> => {
-    const header = c.req.header("idempotency-key");
-    if (header === undefined) {
-      const { status, body } = await write();
-      return c.json(body, status);
-    }
-    const key = parse(IdempotencyKey, header, "Idempotency-Key header");
-    // Who asks is part of the request: the same key and body from another agent is
-    // another request, not a retry.
-    const who = caller.kind === "agent" ? `agent ${caller.id}` : caller.kind;
-    const request = await sha256(
-      `${who} ${c.req.method} ${c.req.path}\n${await c.req.text()}`,
-    );
-    const replay = async () => {
-      // The first request may still be running: its answer is stored when it ends.
-      for (let tries = 0; tries < 200; tries++) {
-        const stored = await getIdempotent(db, roomId, key);
-        if (stored !== null && stored.request !== request) {
-          throw new ApiError(
-            "idempotency_key_reused",
-            `Idempotency-Key "${key}" was used for another request in this room; use a new key`,
-          );
-        }
-        if (stored?.answer) {
-          c.header("Idempotent-Replayed", "true");
-          // The answer stored for this very request: the same shape.
-          return c.json(stored.answer.response as T, stored.answer.status as S);
-        }
-        await new Promise((resolve) => setTimeout(resolve, 25));
-      }
-      throw new ApiError(
-        "idempotency_key_in_use",
-        `Idempotency-Key "${key}" belongs to a request that has not finished; retry later or use a new key`,
-      );
-    };
-    if (await getIdempotent(db, roomId, key) !== null) return replay();
-    let result;
-    try {
-      result = await write({ key, request });
-    } catch (error) {
-      if (isKeyTaken(error)) return replay();
-      throw error;
-    }
-    // A write that stored its answer in its own transaction says so (messages); the
-    // rest store it now, a moment after their commit (README, "Idempotency").
-    if (!result.stored) {
-      await saveIdempotent(db, roomId, key, result.status, result.body);
-    }
-    return c.json(result.body, result.status);
-  };
 
   /** The usage docs, naming this request's host. */
   const docs = (c: Context) => {
@@ -517,7 +454,7 @@ export function createApp(options: AppOptions) {
       (c) => {
         const roomId = c.var.room.id;
         const message = toNewMessage(c.req.valid("json"), c.var.caller);
-        return once(c, roomId, c.var.caller, async (idempotency) => {
+        return once(db, c, roomId, c.var.caller, async (idempotency) => {
           const inserted = await insertMessage(
             db,
             roomId,
@@ -605,7 +542,7 @@ export function createApp(options: AppOptions) {
         const { room, caller } = c.var;
         const id = c.req.valid("param").mid;
         const agent = requireAgent(actingAs(caller, input.agent, "agent"));
-        return once(c, room.id, caller, async (idempotency) => {
+        return once(db, c, room.id, caller, async (idempotency) => {
           const done = await completeMessage(
             db,
             room.id,
@@ -703,7 +640,7 @@ export function createApp(options: AppOptions) {
         const messages = (input.messages ?? []).map((m) =>
           toNewMessage(m, caller)
         );
-        return once(c, roomId, caller, async (idempotency) => {
+        return once(db, c, roomId, caller, async (idempotency) => {
           const result = await applyBatch(
             db,
             roomId,
@@ -820,42 +757,6 @@ function statusesOf(
   return (status ?? [wanted]).filter((s) => s === wanted);
 }
 
-/** Why a claim was refused: done, out of attempts, or held by another agent. */
-function notClaimable(message: Message): ApiError {
-  if (message.status === "done") return alreadyCompleted(message);
-  if (message.status === "dead") {
-    return new ApiError(
-      "attempts_exhausted",
-      `Message ${message.id} used its ${message.max_attempts} attempts and is dead; it cannot be claimed again`,
-      { attempts: message.attempts, max_attempts: message.max_attempts },
-    );
-  }
-  return alreadyClaimed(message);
-}
-
-function alreadyCompleted(message: Message): ApiError {
-  return new ApiError(
-    "already_completed",
-    `Message ${message.id} was completed by "${message.done_by}" at ${message.done_at}`,
-    { done_by: message.done_by, done_at: message.done_at },
-  );
-}
-
-/** The 409 for a complete by an agent without a live claim on the message. */
-function notHolder(message: Message, agent: string): ApiError {
-  return new ApiError(
-    "not_holder",
-    message.claimed_by === null
-      ? `Agent "${agent}" does not hold message ${message.id}: nobody does (its lease may have run out); drop the work or claim it again`
-      : `Agent "${agent}" does not hold message ${message.id}: "${message.claimed_by}" does; drop the work`,
-    {
-      claimed_by: message.claimed_by,
-      claimed_at: message.claimed_at,
-      lease_expires_at: message.lease_expires_at,
-    },
-  );
-}
-
 /** The agent of a claim or release: the token's agent, or named in the body. */
 function requireAgent(agent: string | undefined): string {
   if (agent !== undefined) return agent;
@@ -865,76 +766,6 @@ function requireAgent(agent: string | undefined): string {
     {
       field: "agent",
     },
-  );
-}
-
-function agentNotFound(roomId: string, id: string): ApiError {
-  return new ApiError(
-    "agent_not_found",
-    `Agent "${id}" is not registered in room "${roomId}"`,
-    {
-      agent_id: id,
-    },
-  );
-}
-
-function messageNotFound(roomId: string, id: number): ApiError {
-  return new ApiError(
-    "message_not_found",
-    `Message ${id} does not exist in room "${roomId}"`,
-    {
-      message_id: id,
-    },
-  );
-}
-
-function replyNotFound(roomId: string, id: number): ApiError {
-  return new ApiError(
-    "invalid_request",
-    `Invalid request body: reply_to ${id} is not a message of room "${roomId}"`,
-    { field: "reply_to" },
-  );
-}
-
-function alreadyClaimed(message: Message): ApiError {
-  return new ApiError(
-    "already_claimed",
-    `Message ${message.id} is claimed by "${message.claimed_by}"${
-      message.lease_expires_at ? ` until ${message.lease_expires_at}` : ""
-    }`,
-    {
-      claimed_by: message.claimed_by,
-      claimed_at: message.claimed_at,
-      lease_expires_at: message.lease_expires_at,
-    },
-  );
-}
-
-/** The 409 for a refused state write, with the whole current entry. */
-function refused(
-  result: WriteResult & { ok: false },
-  expected?: number,
-): ApiError {
-  if (result.reason === "not_a_number") {
-    return new ApiError(
-      "not_a_number",
-      `Cannot increment: the current value of "${result.current?.key}" is not a number`,
-      { current: result.current },
-    );
-  }
-  if (result.reason === "out_of_range") {
-    return new ApiError(
-      "out_of_range",
-      `Cannot increment: the sum would be too large for a JSON number; nothing was written`,
-      { current: result.current },
-    );
-  }
-  return new ApiError(
-    "version_conflict",
-    `Expected version ${expected} but the key is ${
-      result.current ? `at version ${result.current.version}` : "absent"
-    }; current holds the entry as it is`,
-    { expected_version: expected, current: result.current },
   );
 }
 

@@ -37,6 +37,9 @@ import {
   EntryOut,
   Heartbeat,
   Id,
+  MAX_KINDS,
+  MAX_MESSAGES_PER_READ,
+  MAX_WAIT_SECONDS,
   MessageOut,
   parse,
   PostMessage,
@@ -161,8 +164,8 @@ function tool<S extends z.ZodRawShape>(
 // ---- what the tools take and answer ----
 
 const room = Id.describe("The room id");
-/** Seconds as REST takes them: 0 to 50, to the millisecond. */
-const Seconds = z.number().min(0).max(50).multipleOf(0.001);
+/** Seconds as REST takes them, to the millisecond. */
+const Seconds = z.number().min(0).max(MAX_WAIT_SECONDS).multipleOf(0.001);
 const Count = z.number().int().min(0);
 const MessageId = Count.min(1).describe("The message's id");
 /** Sent as the Idempotency-Key header: a retry with the same key writes nothing new. */
@@ -253,9 +256,9 @@ const TOOLS = new Map([
       room,
       after: Count.optional(),
       before: Count.min(1).optional(),
-      limit: z.number().int().min(1).max(1000).optional(),
+      limit: z.number().int().min(1).max(MAX_MESSAGES_PER_READ).optional(),
       order: z.enum(["asc", "desc"]).optional(),
-      kind: z.array(Id).max(50).optional().describe("Only these kinds"),
+      kind: z.array(Id).max(MAX_KINDS).optional().describe("Only these kinds"),
       from: Id.optional(),
       to: Id.optional(),
       for: Id.optional().describe("Addressed to this agent or to everyone"),
@@ -397,7 +400,7 @@ const TOOLS = new Map([
       "All a late joiner needs: the room, agents, state and the newest messages",
     input: {
       room,
-      messages: z.number().int().min(0).max(1000).optional(),
+      messages: z.number().int().min(0).max(MAX_MESSAGES_PER_READ).optional(),
     },
     output: ContextOut.shape,
     annotations: read,

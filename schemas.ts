@@ -252,6 +252,9 @@ export const MAX_WAIT_SECONDS = 50;
 /** The most messages one read answers. */
 export const MAX_MESSAGES_PER_READ = 1000;
 
+/** The most kinds one read filters on (`kind=a,b,…`). */
+export const MAX_KINDS = 50;
+
 /** A comma list of task statuses (`open,held`). */
 const Statuses = z.string().transform((s) => s.split(",")).pipe(
   z.array(z.enum(TASK_STATUSES)).min(1).max(TASK_STATUSES.length),
@@ -273,8 +276,9 @@ export const ListMessages = z.strictObject({
   before: count(1).optional(),
   limit: count(1, MAX_MESSAGES_PER_READ).optional(),
   order: z.enum(["asc", "desc"]).optional(),
-  kind: z.string().transform((s) => s.split(",")).pipe(z.array(Id).max(50))
-    .optional(),
+  kind: z.string().transform((s) => s.split(",")).pipe(
+    z.array(Id).max(MAX_KINDS),
+  ).optional(),
   from: Id.optional(),
   to: Id.optional(),
   for: Id.optional(),

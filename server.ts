@@ -4,6 +4,7 @@
  * requests in flight finish), closes the database and exits.
  */
 import { CannotOpen, type Db } from "./db.ts";
+import { ApiError, errorBody } from "./errors.ts";
 import { app, db, drain, envInt } from "./main.ts";
 
 const PORT = envInt("PORT", 8000);
@@ -51,10 +52,13 @@ export function serve(
     lastRequest = performance.now();
     if (draining) {
       return Response.json(
-        {
-          error: "shutting_down",
-          message: "The service is restarting; retry in a moment",
-        },
+        errorBody(
+          new URL(request.url).origin,
+          new ApiError(
+            "shutting_down",
+            "The service is restarting; retry in a moment",
+          ),
+        ),
         { status: 503, headers: { "retry-after": "1", connection: "close" } },
       );
     }

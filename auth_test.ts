@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { Db } from "./db.ts";
-import { notifierOf } from "./notify.ts";
+import { notifierOf } from "./waiting.ts";
 import { createApp } from "./main.ts";
 import { freshDb } from "./testing.ts";
 import type { RateLimit } from "./limits.ts";

@@ -6,7 +6,7 @@
  */
 import assert from "node:assert/strict";
 import { type Agent, Db, type Message, type StateEntry } from "./db.ts";
-import { notifierOf } from "./notify.ts";
+import { notifierOf } from "./waiting.ts";
 import { createApp } from "./main.ts";
 import {
   type Call,

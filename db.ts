@@ -24,7 +24,7 @@ export type DbOptions = {
 
 /**
  * What a write changed, reported after it commits to whoever watches the database
- * (`Db.watch`; the notifier, notify.ts): storage knows nothing of who listens.
+ * (`Db.watch`; the notifier, waiting.ts): storage knows nothing of who listens.
  */
 export type Change =
   | { type: "message"; message: Message }
@@ -178,7 +178,7 @@ export function isUnavailable(error: unknown): boolean {
  */
 export class Db {
   readonly options: DbOptions;
-  /** Who is told of each change (the notifier, notify.ts). */
+  /** Who is told of each change (the notifier, waiting.ts). */
   readonly #watchers = new Set<Watcher>();
   #ready?: Promise<Driver>;
   #client?: Driver;

@@ -20,7 +20,7 @@ import {
   type Message,
   type MessageFilter,
 } from "./db.ts";
-import { startHranaServer } from "./hrana_server.ts";
+import { startHranaServer } from "./tools/hrana_server.ts";
 import { createApp } from "./main.ts";
 import { sqlitePath } from "./sqlite.ts";
 import { freshDb, TEST_DATABASE } from "./testing.ts";

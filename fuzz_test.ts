@@ -18,7 +18,7 @@ import assert from "node:assert/strict";
 import fc from "fast-check";
 import { STATUSES } from "./db.ts";
 import { type ErrorCode, ERRORS } from "./errors.ts";
-import { notifierOf } from "./notify.ts";
+import { notifierOf } from "./waiting.ts";
 import { createApp } from "./main.ts";
 import { hasNulKey } from "./schemas.ts";
 import { freshDb, TEST_DATABASE } from "./testing.ts";

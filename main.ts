@@ -85,9 +85,13 @@ import * as routes from "./routes.ts";
 import { once } from "./idempotency.ts";
 import { handleMcp } from "./mcp.ts";
 import { openapi } from "./openapi.ts";
-import { streamRoom } from "./stream.ts";
 import { Landing, MissingRoom, RoomPage } from "./view.tsx";
-import { waitForMessages, waitForState, whileWaiting } from "./waiting.ts";
+import {
+  streamRoom,
+  waitForMessages,
+  waitForState,
+  whileWaiting,
+} from "./waiting.ts";
 
 /** Reads a non-negative integer setting from the environment, or its default. */
 export function envInt(name: string, fallback: number): number {

@@ -5,7 +5,7 @@
  * suites that need a socket (server, stress and browser tests).
  */
 import { Db } from "./db.ts";
-import { startHranaServer } from "./hrana_server.ts";
+import { startHranaServer } from "./tools/hrana_server.ts";
 import assert from "node:assert/strict";
 import type { createApp } from "./main.ts";
 

@@ -17,8 +17,8 @@ import {
   RawGet,
   type Request,
   sleep,
-} from "./bench/http.ts";
-import { type IdRange, journalMode, populate } from "./bench/populate.ts";
+} from "./http.ts";
+import { type IdRange, journalMode, populate } from "./populate.ts";
 import {
   cpuSeconds,
   rssMb,
@@ -28,7 +28,7 @@ import {
   startParallel,
   startService,
   stopAll,
-} from "./bench/processes.ts";
+} from "./processes.ts";
 
 const QUICK = Deno.args.includes("--quick");
 /** Seconds per throughput case, and of the warm-up before it. */
@@ -147,7 +147,9 @@ function printMachine(mainDb: string): void {
     /^model name\s*:\s*(.+)$/m,
   )?.[1] ?? "unknown";
   const load = Deno.readTextFileSync("/proc/loadavg").split(" ").slice(0, 3);
-  const readme = Deno.readTextFileSync(new URL("./README.md", import.meta.url));
+  const readme = Deno.readTextFileSync(
+    new URL("../README.md", import.meta.url),
+  );
   const synchronous = readme.match(/synchronous\s*=\s*`?(\w+)/)?.[1] ??
     "not stated";
   console.log(

@@ -10,7 +10,8 @@
  *   writes only its own scope and `_shared`. A view token never writes.
  * - `SYNC_ADMIN_TOKEN` (if set) acts as the admin of every room and lists locked rooms.
  */
-import { agentByToken, type Db, type Room, type RoomRecord } from "./db.ts";
+import { agentByToken, type Room, type RoomRecord } from "./db.ts";
+import { type Db } from "./driver.ts";
 import { ApiError } from "./errors.ts";
 
 const SYNC_ADMIN_TOKEN = Deno.env.get("SYNC_ADMIN_TOKEN") || undefined;

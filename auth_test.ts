@@ -4,7 +4,7 @@
  * headers. Every test runs on a fresh database through `app.request()`.
  */
 import assert from "node:assert/strict";
-import { Db } from "./db.ts";
+import { Db } from "./driver.ts";
 import { notifierOf } from "./waiting.ts";
 import { createApp } from "./main.ts";
 import { freshDb } from "./testing.ts";

@@ -5,7 +5,8 @@
  * database through `app.request()`.
  */
 import assert from "node:assert/strict";
-import { type Agent, Db, type Message, type StateEntry } from "./db.ts";
+import { type Agent, type Message, type StateEntry } from "./db.ts";
+import { Db } from "./driver.ts";
 import { notifierOf } from "./waiting.ts";
 import { createApp } from "./main.ts";
 import {

@@ -11,15 +11,13 @@ import {
   claimMessage,
   completeMessage,
   createRoom,
-  DatabaseUnavailable,
-  Db,
   insertMessage,
-  isUnavailable,
   listMessages,
   listMessagesJson,
   type Message,
   type MessageFilter,
 } from "./db.ts";
+import { DatabaseUnavailable, Db, isUnavailable } from "./driver.ts";
 import { startHranaServer } from "./tools/hrana_server.ts";
 import { createApp } from "./main.ts";
 import { sqlitePath } from "./sqlite.ts";

@@ -4,7 +4,8 @@
  */
 import { LibsqlError } from "@libsql/client/web";
 
-import { isUnavailable, type Message, type WriteResult } from "./db.ts";
+import { type Message, type WriteResult } from "./db.ts";
+import { isUnavailable } from "./driver.ts";
 import type { Context, ErrorHandler, NotFoundHandler } from "hono";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
 

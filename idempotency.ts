@@ -8,12 +8,12 @@ import type { JSONParsed } from "hono/utils/types";
 import type { Caller } from "./auth.ts";
 import { sha256 } from "./auth.ts";
 import {
-  type Db,
   getIdempotent,
   type Idempotency,
   isKeyTaken,
   saveIdempotent,
 } from "./db.ts";
+import { type Db } from "./driver.ts";
 import { ApiError } from "./errors.ts";
 import { IdempotencyKey, parse } from "./schemas.ts";
 

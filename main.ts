@@ -11,11 +11,9 @@ import { createMiddleware } from "hono/factory";
 import { NONCE, secureHeaders } from "hono/secure-headers";
 import {
   applyBatch,
-  CannotOpen,
   claimMessage,
   completeMessage,
   createRoom,
-  Db,
   deleteRoom,
   findRoom,
   getAgent,
@@ -29,7 +27,6 @@ import {
   listState,
   type MessageFilter,
   type NewMessage,
-  ping,
   recentMessages,
   releaseMessage,
   type Room,
@@ -39,6 +36,7 @@ import {
   updateAgent,
   writeState,
 } from "./db.ts";
+import { CannotOpen, Db, ping } from "./driver.ts";
 import {
   actingAs,
   bearer,

@@ -5,7 +5,8 @@
 import assert from "node:assert/strict";
 import { hc } from "hono/client";
 import type { InArgs, InStatement } from "@libsql/client/web";
-import { Db, type Message, MIGRATIONS, schemaVersion } from "./db.ts";
+import { type Message } from "./db.ts";
+import { Db, MIGRATIONS, schemaVersion } from "./driver.ts";
 import { type AppType, createApp } from "./main.ts";
 import { type Call, caller, freshDb } from "./testing.ts";
 import { ERRORS } from "./errors.ts";

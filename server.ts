@@ -3,7 +3,7 @@
  * drains (refuses new requests, ends long-polls and streams through `onDrain`, lets the
  * requests in flight finish), closes the database and exits.
  */
-import { CannotOpen, type Db } from "./db.ts";
+import { CannotOpen, type Db } from "./driver.ts";
 import { ApiError, errorBody } from "./errors.ts";
 import { app, db, drain, envInt } from "./main.ts";
 

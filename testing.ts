@@ -4,7 +4,7 @@
  * same tests cover the remote libSQL path; and the real server as a process, for the
  * suites that need a socket (server, stress and browser tests).
  */
-import { Db } from "./db.ts";
+import { Db } from "./driver.ts";
 import { startHranaServer } from "./tools/hrana_server.ts";
 import assert from "node:assert/strict";
 import type { createApp } from "./main.ts";

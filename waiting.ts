@@ -19,7 +19,6 @@ import {
   type Agent,
   type Change,
   changedClaims,
-  type Db,
   endWaiting,
   getAgent,
   getState,
@@ -37,7 +36,9 @@ import {
   type Status,
   type TaskStatus,
   touchAgent,
+  watch,
 } from "./db.ts";
+import { type Db } from "./driver.ts";
 
 // ---- the notifier ----
 
@@ -60,7 +61,7 @@ export function notifierOf(db: Db): Notifier {
       (rooms) => roomRevs(db, rooms),
       db.local ? () => db.othersWrote() : undefined,
     );
-    db.watch({
+    watch(db, {
       changed: (room, change) => made.publish(room, change),
       closed: () => made.stop(),
     });

@@ -1216,22 +1216,28 @@ export async function writeState(
 function refusal(op: StateWrite, current: StateEntry | null): WriteResult {
   return {
     ok: false,
-    reason: incrementRefusal(op, current) ?? "version_conflict",
+    // The statement refused it; if the entry has changed since, it was the version.
+    reason: judge(op, current) ?? "version_conflict",
     current,
   };
 }
 
-/** Why an increment cannot apply to an entry (after its version matched), if it cannot. */
-function incrementRefusal(
+/**
+ * The rules of a state write, in JavaScript: why `op` would be refused over `entry`
+ * (null: absent), if it would. The SQL of `stateStatement` enforces them atomically;
+ * this tells which one a refusal broke, and lists every conflict of a batch before
+ * anything is written (`simulate`).
+ */
+function judge(
   op: StateWrite,
-  current: StateEntry | null,
+  entry: { version: number; value: unknown } | null,
 ): Refusal | undefined {
-  if (
-    op.if_version !== undefined && op.if_version !== (current?.version ?? 0)
-  ) return undefined;
-  if (op.increment === undefined || current === null) return undefined;
-  if (typeof current.value !== "number") return "not_a_number";
-  if (!Number.isFinite(current.value + op.increment)) return "out_of_range";
+  if (op.if_version !== undefined && op.if_version !== (entry?.version ?? 0)) {
+    return "version_conflict";
+  }
+  if (op.increment === undefined || entry === null) return undefined;
+  if (typeof entry.value !== "number") return "not_a_number";
+  if (!Number.isFinite(entry.value + op.increment)) return "out_of_range";
   return undefined;
 }
 
@@ -1422,20 +1428,14 @@ function simulate(
         expected_version: op.if_version ?? null,
         current: current.get(id) ?? null,
       });
-    if (op.if_version !== undefined && op.if_version !== (now?.version ?? 0)) {
-      return refuse("version_conflict");
-    }
+    const refused = judge(op, now);
+    if (refused) return refuse(refused);
     if (op.delete) return played.delete(id);
-    let value: unknown;
-    if (op.increment !== undefined) {
-      if (now !== null && typeof now.value !== "number") {
-        return refuse("not_a_number");
-      }
-      value = ((now?.value as number | undefined) ?? 0) + op.increment;
-      if (!Number.isFinite(value)) return refuse("out_of_range");
-    } else {
-      value = op.merge ? mergePatch(now?.value, op.value) : op.value;
-    }
+    const value = op.increment !== undefined
+      ? ((now?.value as number | undefined) ?? 0) + op.increment
+      : op.merge
+      ? mergePatch(now?.value, op.value)
+      : op.value;
     played.set(id, { value, version: (now?.version ?? 0) + 1 });
   });
   return conflicts;

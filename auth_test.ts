@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { Db } from "./driver.ts";
 import { notifierOf } from "./waiting.ts";
 import { createApp } from "./main.ts";
-import { freshDb } from "./testing.ts";
+import { caller, freshDb } from "./testing.ts";
 import type { RateLimit } from "./limits.ts";
 
 const ADMIN = "admin-secret";
@@ -45,28 +45,19 @@ function headersOf(options: Options): Record<string, string> {
 }
 
 /** Calls the app and records every response text in `texts`. */
-function caller(app: App, texts: string[]): Call {
+function callerOf(app: App, texts: string[]): Call {
+  const call = caller(app);
   return async (method, path, options = {}) => {
-    const res = await app.request(
+    const reply = await call(
+      method,
       path,
-      {
-        method,
-        headers: headersOf(options),
-        body: options.body === undefined
-          ? undefined
-          : JSON.stringify(options.body),
-      },
+      options.body === undefined ? undefined : JSON.stringify(options.body),
+      headersOf(options),
       options.env,
     );
-    const text = await res.text();
-    texts.push(text);
-    const type = res.headers.get("content-type") ?? "";
-    return {
-      status: res.status,
-      body: type.includes("json") ? JSON.parse(text) : {},
-      text,
-      headers: res.headers,
-    };
+    texts.push(reply.text);
+    const json = typeof reply.body !== "string";
+    return { ...reply, body: json ? reply.body as Body : {} };
   };
 }
 
@@ -85,7 +76,7 @@ function test(
     });
     const texts: string[] = [];
     try {
-      await fn({ app, db, call: caller(app, texts), texts });
+      await fn({ app, db, call: callerOf(app, texts), texts });
     } finally {
       await close();
     }
@@ -354,7 +345,7 @@ async function outcome(
   const { db, close } = await freshDb();
   const app = createApp({ db, rateLimit: null, adminToken: ADMIN });
   try {
-    const call = caller(app, []);
+    const call = callerOf(app, []);
     const { auth, mid } = await matrixFixture(call, locked);
     const headers: Record<string, string> = {
       "content-type": "application/json",
@@ -1024,7 +1015,7 @@ test("the database file holds the SHA-256 of each token, never the token", async
   try {
     const db = new Db({ url: `file:${dir}/t.db` });
     const app = createApp({ db, rateLimit: null, adminToken: ADMIN });
-    const call = caller(app, []);
+    const call = callerOf(app, []);
     let live: string[];
     let retired: string;
     try {

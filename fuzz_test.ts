@@ -21,7 +21,13 @@ import { type ErrorCode, ERRORS } from "./errors.ts";
 import { notifierOf } from "./waiting.ts";
 import { createApp } from "./main.ts";
 import { hasNulKey } from "./schemas.ts";
-import { freshDb, TEST_DATABASE } from "./testing.ts";
+import {
+  type Call,
+  caller,
+  freshDb,
+  type Reply,
+  TEST_DATABASE,
+} from "./testing.ts";
 
 const SEED = Deno.env.get("FUZZ_SEED");
 const SCALE = Number(Deno.env.get("FUZZ_SCALE") ?? "1");
@@ -1553,11 +1559,14 @@ Deno.test("pure noise (any method, path, query, headers, body) answers 2xx or a 
 // ---- property 2: state and messages match a model ----
 
 /** A JSON call of the model tests: status, body, headers. */
-type Reply = { status: number; body: unknown; headers: Headers };
 
 class Client {
   requests = 0;
-  constructor(readonly app: App) {}
+  readonly #call: Call;
+
+  constructor(readonly app: App) {
+    this.#call = caller(app);
+  }
 
   async call(
     method: string,
@@ -1566,20 +1575,11 @@ class Client {
     headers: Record<string, string> = {},
   ): Promise<Reply> {
     this.requests++;
-    const res = await within(
+    return await within(
       HANG_MS,
       `${method} ${path}`,
-      Promise.resolve(this.app.request(path, {
-        method,
-        headers: { "content-type": "application/json", ...headers },
-        body: body === undefined
-          ? undefined
-          : typeof body === "string"
-          ? body
-          : JSON.stringify(body),
-      })),
+      this.#call(method, path, body, headers),
     );
-    return { status: res.status, body: await res.json(), headers: res.headers };
   }
 }
 

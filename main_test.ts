@@ -8,7 +8,12 @@ import type { InArgs, InStatement } from "@libsql/client/web";
 import { type Message } from "./db.ts";
 import { Db, MIGRATIONS, schemaVersion } from "./driver.ts";
 import { type AppType, createApp } from "./main.ts";
-import { type Call, caller, freshDb } from "./testing.ts";
+import {
+  type Call,
+  caller,
+  freshDb,
+  times as keepingMessagesOf,
+} from "./testing.ts";
 import { ERRORS } from "./errors.ts";
 
 type Api = { app: ReturnType<typeof createApp>; db: Db; call: Call };
@@ -30,62 +35,12 @@ function test(
   });
 }
 
-const ISO = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/;
 const UUID =
   /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
 
-/** A token: its kind, then 256 bits in base64url. */
-const TOKEN = /^(room|view|as)_[A-Za-z0-9_-]{43}$/;
-
-const TIME_FIELDS = [
-  "created_at",
-  "joined_at",
-  "updated_at",
-  "last_seen",
-  "claimed_at",
-  "lease_expires_at",
-  "done_at",
-  "expires_at",
-];
-
-/**
- * Checks every time field is ISO 8601 UTC (or null) and replaces it with "<time>", and
- * `idle_ms` with "<ms>": what is left can be compared whole.
- */
-function times(value: unknown): unknown {
-  if (Array.isArray(value)) return value.map(times);
-  if (value === null || typeof value !== "object") return value;
-  if ("error" in value && "docs" in value) {
-    // Every error links to its docs section (checked in openapi_test.ts); compared apart.
-    const { docs, ...rest } = value as Record<string, unknown>;
-    assert.match(String(docs), /^https?:\/\/[^/]+\/README\.md#[a-z-]+$/);
-    return times(rest);
-  }
-  return Object.fromEntries(
-    Object.entries(value).map(([k, v]) => {
-      if (TIME_FIELDS.includes(k) && v !== null) {
-        assert.match(String(v), ISO, `${k} is ISO 8601 UTC`);
-        return [k, "<time>"];
-      }
-      if (k === "token" || k === "view_token") {
-        assert.match(
-          String(v),
-          TOKEN,
-          `${k} is a token`,
-        );
-        return [k, "<token>"];
-      }
-      if (k === "idle_ms") {
-        assert.ok(
-          typeof v === "number" && v >= 0,
-          "idle_ms is a count of milliseconds",
-        );
-        return [k, "<ms>"];
-      }
-      return [k, times(v)];
-    }),
-  );
-}
+/** Times and tokens made comparable, error messages kept (they are checked here). */
+const times = (value: unknown) =>
+  keepingMessagesOf(value, { messages: "keep" });
 
 /** A body as reads show it: tokens appear only in the answer that issues them. */
 function withoutTokens(body: unknown): unknown {

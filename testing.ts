@@ -109,20 +109,26 @@ export async function startServer(
 /** An app as `createApp` makes it. */
 export type App = ReturnType<typeof createApp>;
 
-/** An answer, its body parsed when it is JSON. */
-export type Reply = { status: number; body: unknown; headers: Headers };
+/** An answer: its body parsed when it is JSON (else the text), and its text. */
+export type Reply = {
+  status: number;
+  body: unknown;
+  text: string;
+  headers: Headers;
+};
 
-/** Calls an app in-process. */
+/** Calls an app in-process; `env` is what a host would pass as Hono's env. */
 export type Call = (
   method: string,
   path: string,
   body?: unknown,
   headers?: Record<string, string>,
+  env?: unknown,
 ) => Promise<Reply>;
 
 /** Calls the app; `body` is sent as JSON unless it is already a string. */
 export function caller(app: App): Call {
-  return async (method, path, body, headers = {}) => {
+  return async (method, path, body, headers = {}, env) => {
     const res = await app.request(path, {
       method,
       headers: { "content-type": "application/json", ...headers },
@@ -131,11 +137,13 @@ export function caller(app: App): Call {
         : typeof body === "string"
         ? body
         : JSON.stringify(body),
-    });
+    }, env);
+    const text = await res.text();
     const type = res.headers.get("content-type") ?? "";
     return {
       status: res.status,
-      body: type.includes("json") ? await res.json() : await res.text(),
+      body: type.includes("json") ? JSON.parse(text) : text,
+      text,
       headers: res.headers,
     };
   };
@@ -157,18 +165,22 @@ const TIME_FIELDS = [
 /**
  * Checks every time field is ISO 8601 UTC (or null) and replaces it with "<time>", and
  * `idle_ms` with "<ms>", and an error's `message` with "<message>" once it is checked
- * to be a sentence: what is left can be compared whole.
+ * to be a sentence (unless `messages: "keep"`): what is left can be compared whole.
  */
-export function times(value: unknown): unknown {
-  if (Array.isArray(value)) return value.map(times);
+export function times(
+  value: unknown,
+  options: { messages?: "keep" } = {},
+): unknown {
+  const again = (v: unknown) => times(v, options);
+  if (Array.isArray(value)) return value.map(again);
   if (value === null || typeof value !== "object") return value;
   if ("error" in value && "docs" in value) {
     // Every error links to its docs section (checked in openapi_test.ts); compared apart.
     const { docs, ...rest } = value as Record<string, unknown>;
     assert.match(String(docs), /^https?:\/\/[^/]+\/README\.md#[a-z-]+$/);
-    return times(rest);
+    return again(rest);
   }
-  const isError = "error" in value;
+  const isError = "error" in value && options.messages !== "keep";
   return Object.fromEntries(
     Object.entries(value).map(([k, v]) => {
       if (TIME_FIELDS.includes(k) && v !== null) {
@@ -197,7 +209,7 @@ export function times(value: unknown): unknown {
         );
         return [k, "<message>"];
       }
-      return [k, times(v)];
+      return [k, again(v)];
     }),
   );
 }

@@ -1,7 +1,7 @@
 /**
- * The database layer below the HTTP API: the embedded driver's group commit (sqlite.ts)
- * and the JSON pages SQLite builds (db.ts, listMessagesJson), on the embedded and the
- * remote path alike.
+ * The database layer below the HTTP API: the embedded driver's group commit (sqlite.ts),
+ * the JSON pages SQLite builds (db.ts, listMessagesJson), the file's settings, the
+ * schema and its migrations (driver.ts), on the embedded and the remote path alike.
  */
 import assert from "node:assert/strict";
 import fc from "fast-check";
@@ -17,11 +17,17 @@ import {
   type Message,
   type MessageFilter,
 } from "./db.ts";
-import { DatabaseUnavailable, Db, isUnavailable } from "./driver.ts";
+import {
+  DatabaseUnavailable,
+  Db,
+  isUnavailable,
+  MIGRATIONS,
+  schemaVersion,
+} from "./driver.ts";
 import { startHranaServer } from "./tools/hrana_server.ts";
 import { createApp } from "./main.ts";
 import { sqlitePath } from "./sqlite.ts";
-import { freshDb, TEST_DATABASE } from "./testing.ts";
+import { caller, freshDb, TEST_DATABASE } from "./testing.ts";
 
 Deno.test("file: URLs name the file node:sqlite opens", () => {
   assert.equal(sqlitePath("file:sync.db"), "sync.db");
@@ -382,6 +388,163 @@ Deno.test({
       (await send(app, "POST", "/rooms/r/messages", { body: 3 })).status,
       201,
     );
+  } finally {
+    db.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+// ---- the file, the schema and migrations ----
+
+async function tempDb(): Promise<{ url: string; path: string; dir: string }> {
+  const dir = await Deno.makeTempDir({ prefix: "sync-test-" });
+  return { url: `file:${dir}/sync.db`, path: `${dir}/sync.db`, dir };
+}
+
+Deno.test("the schema applies idempotently and data survives reopening a file", async () => {
+  const { url, dir } = await tempDb();
+  try {
+    for (let round = 0; round < 3; round++) {
+      const db = new Db({ url });
+      const call = caller(createApp({ db, rateLimit: null }));
+      assert.equal(
+        (await call("POST", "/rooms", { id: "r" })).status,
+        round === 0 ? 201 : 200,
+      );
+      await call("POST", "/rooms/r/messages", { body: round });
+      const read = (await call("GET", "/rooms/r/messages")).body as {
+        body: number;
+      }[];
+      assert.deepEqual(
+        read.map((m) => m.body),
+        Array.from({ length: round + 1 }, (_, i) => i),
+      );
+      assert.equal(await schemaVersion(db), MIGRATIONS.length + 1);
+      db.close();
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a local file runs in WAL mode with synchronous=NORMAL and foreign keys on", async () => {
+  const { url, dir } = await tempDb();
+  const db = new Db({ url });
+  try {
+    const client = await db.client();
+    const pragma = async (name: string) =>
+      Object.values((await client.execute(`PRAGMA ${name}`)).rows[0])[0];
+    assert.equal(await pragma("journal_mode"), "wal");
+    assert.equal(await pragma("synchronous"), 1, "1 is NORMAL");
+    assert.equal(await pragma("foreign_keys"), 1);
+    assert.equal(await pragma("busy_timeout"), 5000);
+  } finally {
+    db.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("migrations run once each, in order, and record the schema version", async () => {
+  const { url, dir } = await tempDb();
+  const migrations = [
+    ["CREATE TABLE m1 (x INTEGER) STRICT", "INSERT INTO m1 VALUES (1)"],
+    ["INSERT INTO m1 VALUES (2)"],
+  ];
+  try {
+    const first = new Db({ url, migrations: migrations.slice(0, 1) });
+    assert.equal(await schemaVersion(first), 2);
+    first.close();
+    // Two instances starting at once on one file: each step still runs exactly once.
+    const [a, b] = [new Db({ url, migrations }), new Db({ url, migrations })];
+    await Promise.all([a.client(), b.client()]);
+    assert.equal(await schemaVersion(a), 3);
+    const rows =
+      (await (await a.client()).execute("SELECT x FROM m1 ORDER BY x")).rows;
+    assert.deepEqual(rows.map((r) => r.x), [1, 2]);
+    a.close();
+    b.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a database of schema 1 migrates to the task lifecycle: claims count one attempt, a claim without a lease stays held", async () => {
+  const { url, dir } = await tempDb();
+  try {
+    const old = new Db({ url, migrations: [] });
+    const client = await old.client();
+    await client.execute(
+      "INSERT INTO rooms (id, created_at, meta) VALUES ('r', 0, '{}')",
+    );
+    const far = Date.now() + 3_600_000;
+    for (
+      const [claimedBy, lease] of [[null, null], ["w1", null], ["w2", far]]
+    ) {
+      await client.execute({
+        sql: `INSERT INTO messages (room_id, kind, body, created_at, claimed_by,
+                claimed_at, lease_expires_at) VALUES ('r', 'task', '1', 0, ?, ?, ?)`,
+        args: [claimedBy, claimedBy === null ? null : 0, lease],
+      });
+    }
+    old.close();
+    const db = new Db({ url });
+    assert.equal(await schemaVersion(db), MIGRATIONS.length + 1);
+    const app = createApp({ db, rateLimit: null });
+    const read = await (await app.request("/rooms/r/messages")).json();
+    assert.deepEqual(
+      read.map((m: Message) => [m.status, m.attempts, m.claimed_by]),
+      [["open", 0, null], ["held", 1, "w1"], ["held", 1, "w2"]],
+    );
+    db.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a failed migration rolls back whole and is reported", async () => {
+  const { url, dir } = await tempDb();
+  try {
+    const db = new Db({
+      url,
+      migrations: [["CREATE TABLE ok (x INTEGER)", "NOT SQL"]],
+    });
+    await assert.rejects(db.client());
+    const plain = new Db({ url, migrations: [] });
+    assert.equal(await schemaVersion(plain), 1);
+    const tables = await (await plain.client()).execute(
+      "SELECT name FROM sqlite_master WHERE name = 'ok'",
+    );
+    assert.equal(tables.rows.length, 0);
+    plain.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("the WAL stays a few MB under sustained writes", async () => {
+  const { url, path, dir } = await tempDb();
+  const db = new Db({ url });
+  try {
+    const call = caller(createApp({ db, rateLimit: null }));
+    await call("POST", "/rooms", { id: "r" });
+    const body = "x".repeat(1000);
+    let maxWal = 0;
+    // 8,000 posts of 1 KB in waves of 50 concurrent writers, while reads run beside.
+    for (let wave = 0; wave < 160; wave++) {
+      await Promise.all([
+        ...Array.from(
+          { length: 50 },
+          () => call("POST", "/rooms/r/messages", { body }),
+        ),
+        call("GET", "/rooms/r/messages?limit=100"),
+      ]);
+      maxWal = Math.max(maxWal, (await Deno.stat(`${path}-wal`)).size);
+    }
+    const total =
+      (await (await db.client()).execute("SELECT count(*) AS n FROM messages"))
+        .rows[0].n;
+    assert.equal(total, 8000);
+    assert.ok(maxWal < 8 * 1024 * 1024, `WAL peaked at ${maxWal} bytes`);
   } finally {
     db.close();
     await Deno.remove(dir, { recursive: true });

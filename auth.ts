@@ -1,10 +1,10 @@
 /**
- * Identity and access: tokens, who a request acts as, and what it may do (SPEC §4).
+ * Identity and access: tokens, who a request acts as, and what it may do.
  *
  * - `room_…` (room admin) and `view_…` (read-only) come back once from `POST /rooms`;
  *   `as_…` (one agent) once from registering the agent. 256 random bits each, stored
  *   only as SHA-256 hashes, sent as `Authorization: Bearer <token>`.
- * - Open rooms (the default, as in the seed): anyone may read and write, but a request
+ * - Open rooms (the default): anyone may read and write, but a request
  *   with an agent token acts as that agent only. Locked rooms: reads need a token of
  *   the room, writes an agent or room token, joining the room token, and an agent
  *   writes only its own scope and `_shared`. A view token never writes.

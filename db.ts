@@ -544,7 +544,7 @@ function insertMessageStatement(
 /**
  * Appends a message; SQLite assigns the id. Null when `reply_to` names no message of
  * the room. With an idempotency key, the key is taken in the same transaction (see
- * `takeIdempotencyKey`).
+ * `takeKeyStatements`).
  */
 export async function insertMessage(
   db: Db,
@@ -714,8 +714,8 @@ function messageJsonArgs(now: number): number[] {
 
 /**
  * `listMessages`, with the JSON built by SQLite: a page of 100 costs no object per
- * message or field on the way out (README, "Performance"). Same shape, byte for byte
- * (tested against `listMessages` in main_test.ts).
+ * message or field on the way out (docs/PERFORMANCE.md). Same shape, byte for byte
+ * (tested against `listMessages` in db_test.ts).
  */
 export async function listMessagesJson(
   db: Db,

@@ -39,8 +39,7 @@ const BUSY_TIMEOUT_MS = 5000;
 /**
  * WAL pages between checkpoints (SQLite's default is 1,000). A checkpoint syncs the
  * file and stalls the requests of that moment; smaller, more frequent ones stall them
- * for less: POST p99 at 10 connections fell from ~20 ms to ~12 ms at the same
- * throughput (README, "Performance").
+ * for less, at the same throughput (docs/PERFORMANCE.md).
  */
 const CHECKPOINT_PAGES = 256;
 /** A remote database that has not answered in this long is unavailable (ms). */
@@ -213,7 +212,7 @@ export class Db {
     const local = isLocal(this.options.url);
     // An embedded file goes through node:sqlite (one connection: the driver is
     // synchronous, so more add no parallelism, and its PRAGMAs hold); a remote URL
-    // through @libsql/client. README, "Performance", says why.
+    // through @libsql/client. docs/PERFORMANCE.md says why.
     const client: Driver = local
       ? openLocal(this.options.url)
       : this.#guarded(createClient({
@@ -224,7 +223,7 @@ export class Db {
     try {
       if (local && this.options.url !== ":memory:") {
         // WAL lets readers run beside the writer; NORMAL loses nothing on a process
-        // crash (README, "Durability"); the size limit truncates the WAL after each
+        // crash (docs/DESIGN.md, "Durability"); the size limit truncates the WAL after each
         // checkpoint so it stays small under sustained writes.
         await client.execute("PRAGMA journal_mode = WAL");
         await client.execute("PRAGMA synchronous = NORMAL");

@@ -74,7 +74,7 @@ export async function once<T extends object, S extends 200 | 201>(
     throw error;
   }
   // A write that stored its answer in its own transaction says so (messages); the
-  // rest store it now, a moment after their commit (README, "Idempotency").
+  // rest store it now, a moment after their commit (docs/DESIGN.md, "Choices").
   if (!result.stored) {
     await saveIdempotent(db, roomId, key, result.status, result.body);
   }

@@ -1263,15 +1263,15 @@ test("the usage docs name every route of the app", async ({ app, call }) => {
   }
 });
 
-test("the usage docs and the README list every error code with its status", async ({ call }) => {
+test("the usage docs and docs/GUIDE.md list every error code with its status", async ({ call }) => {
   const docs = String((await call("GET", "/")).body);
   const readme = await Deno.readTextFile(
-    new URL("./README.md", import.meta.url),
+    new URL("./docs/GUIDE.md", import.meta.url),
   );
   for (const [code, [status]] of Object.entries(ERRORS)) {
     const row = new RegExp(`\\|\\s*${status}\\s*\\|\\s*\`${code}\`\\s*\\|`);
     assert.match(docs, row, `docs: ${code}`);
-    assert.match(readme, row, `README: ${code}`);
+    assert.match(readme, row, `docs/GUIDE.md: ${code}`);
   }
 });
 

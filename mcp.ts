@@ -138,7 +138,8 @@ function tool<S extends z.ZodRawShape>(
   name: string,
   { description, input, output, annotations, call }: Definition<S>,
 ): Entry {
-  // Strict, as REST bodies are: an unknown argument is refused, naming it (SPEC §1).
+  // Strict, as REST bodies are: an unknown argument is refused, naming it (a mistyped
+  // `if_version` must not be ignored).
   const schema = z.strictObject(input);
   return {
     listing: {

@@ -10,7 +10,7 @@ import { ApiError, type ErrorCode, ERRORS } from "./errors.ts";
 
 // ---- building blocks ----
 
-/** Ids of rooms and agents, scopes and kinds (SPEC §1). */
+/** Ids of rooms and agents, scopes and kinds. */
 export const Id = z.string().regex(/^[A-Za-z0-9._:@-]{1,128}$/, {
   error: "must be 1-128 characters of A-Z a-z 0-9 . _ : @ -",
 }).meta({ minLength: 1, maxLength: 128 });

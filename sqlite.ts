@@ -1,9 +1,8 @@
 /**
  * The embedded driver: Deno's built-in `node:sqlite` behind the two calls of the libSQL
- * client that db.ts makes (`execute`, `batch`). The file format is the same; remote
- * URLs keep `@libsql/client`. Measured (README, "Performance"): a single-row insert
- * through `@libsql/client` on a local file costs 2-3× the engine's time, a page read of
- * 100 rows up to 7×; this adapter adds only a statement cache lookup.
+ * client that db.ts makes (`execute`, `batch`), with group commit. The file format is
+ * the same as libSQL's; remote URLs use `@libsql/client`. It is here because it costs
+ * a fraction of `@libsql/client` on a local file (docs/PERFORMANCE.md).
  */
 import { DatabaseSync, type StatementSync } from "node:sqlite";
 import { setImmediate } from "node:timers";
@@ -124,7 +123,7 @@ class SqliteDriver implements Driver {
     if (!this.#scheduled) {
       this.#scheduled = true;
       // After the requests that are ready now have had their turn: their writes
-      // share one transaction (group commit, README "Performance").
+      // share one transaction (group commit, docs/PERFORMANCE.md).
       setImmediate(() => this.#commit());
     }
     return promise;

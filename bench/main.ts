@@ -148,7 +148,7 @@ function printMachine(mainDb: string): void {
   )?.[1] ?? "unknown";
   const load = Deno.readTextFileSync("/proc/loadavg").split(" ").slice(0, 3);
   const readme = Deno.readTextFileSync(
-    new URL("../README.md", import.meta.url),
+    new URL("../docs/DESIGN.md", import.meta.url),
   );
   const synchronous = readme.match(/synchronous\s*=\s*`?(\w+)/)?.[1] ??
     "not stated";
@@ -162,7 +162,7 @@ function printMachine(mainDb: string): void {
   );
   console.log(
     `durability: service journal_mode=${journalMode(mainDb)} (read from its ` +
-      `file), synchronous=${synchronous} (README); raw driver WAL + synchronous=NORMAL`,
+      `file), synchronous=${synchronous} (docs/DESIGN.md); raw driver WAL + synchronous=NORMAL`,
   );
 }
 
@@ -725,7 +725,7 @@ async function caseWakeSameInstance(base: string, refs: References) {
 
 /**
  * Waiters on the second instance, writes on the first. The second instance learns of
- * a write only by polling the database (README: within about a second), so samples
+ * a write only by polling the database (within about a tenth of a second), so samples
  * run 25 rooms at a time, each POST at a random moment of a second-long window, so
  * that they fall anywhere in the polling cycle.
  */

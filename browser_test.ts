@@ -16,7 +16,7 @@ import {
   type Page,
   type Request,
 } from "playwright-core";
-import { type Server, startServer } from "./testing.ts";
+import { expect, type Server, startServer } from "./testing.ts";
 
 const ROOT = new URL(".", import.meta.url).pathname;
 const CHROMIUM = "/usr/bin/chromium";
@@ -53,33 +53,6 @@ function chromiumPresent(): boolean {
 const SCRIPT = `<script>__pwned("script"); alert("script")</script>`;
 const IMG = `<img src=x onerror="__pwned('img'); alert('img')">`;
 const PAYLOAD = `before ${SCRIPT} middle ${IMG} after`;
-
-/** A JSON call over HTTP, with an optional bearer token, that asserts the status. */
-async function call(
-  base: string,
-  method: string,
-  path: string,
-  status: number,
-  body?: unknown,
-  token?: string,
-): Promise<Record<string, unknown>> {
-  const headers: Record<string, string> = {
-    "content-type": "application/json",
-  };
-  if (token) headers.authorization = `Bearer ${token}`;
-  const res = await fetch(base + path, {
-    method,
-    headers,
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  const json = await res.json();
-  assert.equal(
-    res.status,
-    status,
-    `${method} ${path}: ${JSON.stringify(json)}`,
-  );
-  return json;
-}
 
 /** What the pages of a context did that they never should. */
 type Incidents = {
@@ -260,39 +233,39 @@ Deno.test({
         await Deno.mkdir(ARTIFACTS, { recursive: true });
 
         // ---- an open room, written before the page opens ----
-        await call(base, "POST", "/rooms", 201, {
+        await expect(base, "POST", "/rooms", 201, {
           id: "crew",
           meta: { goal: "ship the parser" },
         });
-        await call(base, "POST", "/rooms/crew/agents", 201, {
+        await expect(base, "POST", "/rooms/crew/agents", 201, {
           id: "alice",
           name: "Alice",
           role: "planner",
         });
-        await call(base, "POST", "/rooms/crew/agents", 201, {
+        await expect(base, "POST", "/rooms/crew/agents", 201, {
           id: "bob",
           name: PAYLOAD,
           role: "worker",
         });
-        await call(base, "POST", "/rooms/crew/agents/bob/heartbeat", 200, {
+        await expect(base, "POST", "/rooms/crew/agents/bob/heartbeat", 200, {
           status: "busy",
         });
-        await call(base, "POST", "/rooms/crew/messages", 201, {
+        await expect(base, "POST", "/rooms/crew/messages", 201, {
           from: "alice",
           to: "bob",
           kind: "task",
           body: "write the tokenizer",
         });
-        await call(base, "POST", "/rooms/crew/messages", 201, {
+        await expect(base, "POST", "/rooms/crew/messages", 201, {
           from: "bob",
           kind: "note",
           body: PAYLOAD,
         });
-        await call(base, "PUT", "/rooms/crew/state", 200, {
+        await expect(base, "PUT", "/rooms/crew/state", 200, {
           key: "phase",
           value: "build",
         });
-        await call(base, "PUT", "/rooms/crew/state", 200, {
+        await expect(base, "PUT", "/rooms/crew/state", 200, {
           key: "markup",
           value: PAYLOAD,
         });
@@ -383,7 +356,7 @@ Deno.test({
           async () => {
             delays.message = await timeLive(
               () =>
-                call(base, "POST", "/rooms/crew/messages", 201, {
+                expect(base, "POST", "/rooms/crew/messages", 201, {
                   from: "alice",
                   to: "bob",
                   kind: "review",
@@ -395,7 +368,7 @@ Deno.test({
             );
             delays.stateChange = await timeLive(
               () =>
-                call(base, "PUT", "/rooms/crew/state", 200, {
+                expect(base, "PUT", "/rooms/crew/state", 200, {
                   key: "phase",
                   value: "review",
                 }),
@@ -405,7 +378,7 @@ Deno.test({
             );
             delays.stateNew = await timeLive(
               () =>
-                call(base, "PUT", "/rooms/crew/state", 200, {
+                expect(base, "PUT", "/rooms/crew/state", 200, {
                   key: "aaa-first",
                   value: { n: 1 },
                 }),
@@ -419,7 +392,7 @@ Deno.test({
             );
             delays.stateDelete = await timeLive(
               () =>
-                call(base, "DELETE", "/rooms/crew/state", 200, {
+                expect(base, "DELETE", "/rooms/crew/state", 200, {
                   key: "aaa-first",
                 }),
               page.locator("#state").filter({
@@ -428,14 +401,20 @@ Deno.test({
             );
             delays.heartbeat = await timeLive(
               () =>
-                call(base, "POST", "/rooms/crew/agents/alice/heartbeat", 200, {
-                  status: "done",
-                }),
+                expect(
+                  base,
+                  "POST",
+                  "/rooms/crew/agents/alice/heartbeat",
+                  200,
+                  {
+                    status: "done",
+                  },
+                ),
               page.locator("#a-alice .status.done"),
             );
             delays.join = await timeLive(
               () =>
-                call(base, "POST", "/rooms/crew/agents", 201, {
+                expect(base, "POST", "/rooms/crew/agents", 201, {
                   id: "carol",
                   name: "Carol",
                   role: "reviewer",
@@ -445,7 +424,7 @@ Deno.test({
             // A task's status as it changes: held, then done.
             delays.claim = await timeLive(
               () =>
-                call(base, "POST", "/rooms/crew/messages/3/claim", 200, {
+                expect(base, "POST", "/rooms/crew/messages/3/claim", 200, {
                   agent: "bob",
                   lease: 60,
                 }),
@@ -455,7 +434,7 @@ Deno.test({
             );
             delays.complete = await timeLive(
               () =>
-                call(base, "POST", "/rooms/crew/messages/3/complete", 200, {
+                expect(base, "POST", "/rooms/crew/messages/3/complete", 200, {
                   agent: "bob",
                 }),
               page.locator("#m-3 .claim.done").filter({
@@ -477,7 +456,7 @@ Deno.test({
             await assertInert(page, incidents, "over the stream", async () => {
               delays.markupMessage = await timeLive(
                 () =>
-                  call(base, "POST", "/rooms/crew/messages", 201, {
+                  expect(base, "POST", "/rooms/crew/messages", 201, {
                     from: "carol",
                     body: PAYLOAD,
                   }),
@@ -485,7 +464,7 @@ Deno.test({
               );
               delays.markupState = await timeLive(
                 () =>
-                  call(base, "PUT", "/rooms/crew/state", 200, {
+                  expect(base, "PUT", "/rooms/crew/state", 200, {
                     key: "markup",
                     value: `live ${PAYLOAD}`,
                   }),
@@ -495,7 +474,7 @@ Deno.test({
               );
               delays.markupAgent = await timeLive(
                 () =>
-                  call(base, "POST", "/rooms/crew/agents", 201, {
+                  expect(base, "POST", "/rooms/crew/agents", 201, {
                     id: "mallory",
                     name: PAYLOAD,
                     role: PAYLOAD,
@@ -528,7 +507,7 @@ Deno.test({
                 async () => {
                   delays.bareMessage = await timeLive(
                     () =>
-                      call(base, "POST", "/rooms/crew/messages", 201, {
+                      expect(base, "POST", "/rooms/crew/messages", 201, {
                         body: `bare ${PAYLOAD}`,
                       }),
                     naked.getByText(`bare ${PAYLOAD}`, { exact: true }),
@@ -548,14 +527,14 @@ Deno.test({
         assertQuiet(incidents, "the open room");
 
         // ---- a locked room ----
-        const vault = await call(base, "POST", "/rooms", 201, {
+        const vault = await expect(base, "POST", "/rooms", 201, {
           id: "vault",
           locked: true,
           meta: { goal: "keep secrets" },
         });
         const roomToken = vault.token as string;
         const viewToken = vault.view_token as string;
-        const dave = await call(
+        const dave = await expect(
           base,
           "POST",
           "/rooms/vault/agents",
@@ -564,7 +543,7 @@ Deno.test({
           roomToken,
         );
         const daveToken = dave.token as string;
-        await call(
+        await expect(
           base,
           "POST",
           "/rooms/vault/messages",
@@ -572,7 +551,7 @@ Deno.test({
           { body: "the vault opens at dawn" },
           daveToken,
         );
-        await call(
+        await expect(
           base,
           "POST",
           "/rooms/vault/messages",
@@ -580,7 +559,7 @@ Deno.test({
           { kind: "note", body: PAYLOAD },
           daveToken,
         );
-        await call(
+        await expect(
           base,
           "PUT",
           "/rooms/vault/state",
@@ -651,7 +630,7 @@ Deno.test({
 
               delays.lockedMessage = await timeLive(
                 () =>
-                  call(
+                  expect(
                     base,
                     "POST",
                     "/rooms/vault/messages",
@@ -668,7 +647,7 @@ Deno.test({
               );
               delays.lockedState = await timeLive(
                 () =>
-                  call(
+                  expect(
                     base,
                     "PUT",
                     "/rooms/vault/state",
@@ -680,7 +659,7 @@ Deno.test({
               );
               delays.lockedHeartbeat = await timeLive(
                 () =>
-                  call(
+                  expect(
                     base,
                     "POST",
                     "/rooms/vault/agents/dave/heartbeat",
@@ -781,14 +760,15 @@ Deno.test({
   ignore: !chromiumPresent(),
   fn: () =>
     withViewer(async (base, browser) => {
-      const room = await call(base, "POST", "/rooms", 201, { id: "open" });
-      await call(base, "POST", "/rooms/open/messages", 201, { body: "one" });
+      const room = await expect(base, "POST", "/rooms", 201, { id: "open" });
+      await expect(base, "POST", "/rooms/open/messages", 201, { body: "one" });
       const { context, incidents } = await watchedContext(browser);
       const page = await context.newPage();
       await page.goto(`${base}/?room=open#token=view_stale`);
       await page.getByText("one", { exact: true }).waitFor();
       const delay = await timeLive(
-        () => call(base, "POST", "/rooms/open/messages", 201, { body: "two" }),
+        () =>
+          expect(base, "POST", "/rooms/open/messages", 201, { body: "two" }),
         page.getByText("two", { exact: true }),
       );
       console.log(`live update delay: ${Math.round(delay)} ms`);
@@ -796,7 +776,7 @@ Deno.test({
         (await page.locator("#room-meta").textContent())!,
         /locked/,
       );
-      await call(
+      await expect(
         base,
         "DELETE",
         "/rooms/open",

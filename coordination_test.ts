@@ -10,6 +10,7 @@ import { Db } from "./driver.ts";
 import { notifierOf } from "./waiting.ts";
 import { createApp } from "./main.ts";
 import {
+  agent,
   type Call,
   caller,
   freshDb,
@@ -2029,24 +2030,13 @@ test("a status an agent sends during its wait is the one it keeps afterwards", a
 test("agents carry status active, last_seen and a growing idle_ms", async ({ call }) => {
   const res = await call("POST", "/rooms/r/agents", { id: "a", name: "A" });
   assert.equal(res.status, 201);
-  assert.deepEqual(times(res.body), {
-    id: "a",
-    room_id: "r",
-    name: "A",
-    role: "agent",
-    joined_at: "<time>",
-    meta: {},
-    status: "active",
-    last_seen: "<time>",
-    idle_ms: "<ms>",
-    token: "<token>",
-  });
-  const agent = res.body as Agent;
-  assert.equal(agent.last_seen, agent.joined_at);
+  assert.deepEqual(times(res.body), agent("a", "A", { token: "<token>" }));
+  const registered = res.body as Agent;
+  assert.equal(registered.last_seen, registered.joined_at);
   await sleep(60);
   const [listed] = (await call("GET", "/rooms/r/agents")).body as Agent[];
   assert.ok(listed.idle_ms >= 50, `idle_ms ${listed.idle_ms}`);
-  assert.equal(listed.last_seen, agent.last_seen);
+  assert.equal(listed.last_seen, registered.last_seen);
 });
 
 test("POST heartbeat sets status and last_seen; without status it keeps the status", async ({ call }) => {
@@ -2195,17 +2185,7 @@ test("GET context returns the room, agents, state and the newest N messages asce
   assert.equal(res.status, 200);
   assert.deepEqual(times(res.body), {
     room: { id: "r", created_at: "<time>", meta: {}, locked: false },
-    agents: [{
-      id: "a",
-      room_id: "r",
-      name: "a",
-      role: "agent",
-      joined_at: "<time>",
-      meta: {},
-      status: "active",
-      last_seen: "<time>",
-      idle_ms: "<ms>",
-    }],
+    agents: [agent("a", "a")],
     state: [
       entry("phase", "build", 1),
       entry("notes", [1], 1, { scope: "a" }),

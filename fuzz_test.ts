@@ -25,6 +25,7 @@ import {
   type Call,
   caller,
   freshDb,
+  message,
   type Reply,
   TEST_DATABASE,
 } from "./testing.ts";
@@ -1908,24 +1909,11 @@ class Session {
   }
 
   messageJson(m: ModelMessage): unknown {
-    return {
-      id: m.id,
+    return message(m.id, m.body, {
       room_id: this.room,
-      from_agent: null,
-      to_agent: null,
       kind: m.kind,
-      body: m.body,
-      created_at: "<time>",
       reply_to: m.reply_to,
-      claimed_by: null,
-      claimed_at: null,
-      lease_expires_at: null,
-      status: "open",
-      attempts: 0,
-      max_attempts: null,
-      done_at: null,
-      done_by: null,
-    };
+    });
   }
 
   /** Ids only grow: a new message's id is above every id before it. */

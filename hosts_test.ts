@@ -5,7 +5,7 @@
  * shape, and a host without a writable disk. Real processes on 127.0.0.1.
  */
 import assert from "node:assert/strict";
-import { type Server, startServer } from "./testing.ts";
+import { type Server, startServer, withTempDir } from "./testing.ts";
 
 /** The permissions `deno task start` runs with. */
 const PERMISSIONS = [
@@ -16,15 +16,6 @@ const PERMISSIONS = [
 ];
 
 const ROOT = new URL(".", import.meta.url).pathname;
-
-async function withTempDir(fn: (dir: string) => Promise<void>) {
-  const dir = await Deno.makeTempDir();
-  try {
-    await fn(dir);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-}
 
 /**
  * `deno serve` on a free port of 127.0.0.1, with `more` flags before main.ts. A fixed

@@ -9,9 +9,11 @@ import type { InArgs, InStatement } from "@libsql/client/web";
 import { Db } from "./driver.ts";
 import { type AppType, createApp } from "./main.ts";
 import {
+  agent,
   type Call,
   caller,
   freshDb,
+  message,
   times as keepingMessagesOf,
 } from "./testing.ts";
 import { ERRORS } from "./errors.ts";
@@ -185,20 +187,13 @@ test("POST /rooms/:id/agents without id makes a GUID; role and meta default", as
   await call("POST", "/rooms", { id: "r" });
   const res = await call("POST", "/rooms/r/agents", { name: "Bob" });
   assert.equal(res.status, 201);
-  const agent = res.body as Record<string, unknown>;
-  assert.match(String(agent.id), UUID);
-  assert.deepEqual(times({ ...agent, id: "<id>" }), {
-    id: "<id>",
-    room_id: "r",
-    name: "Bob",
-    role: "agent",
-    joined_at: "<time>",
-    meta: {},
-    status: "active",
-    last_seen: "<time>",
-    idle_ms: "<ms>",
-    token: "<token>",
-  });
+  const made = res.body as Record<string, unknown>;
+  assert.match(String(made.id), UUID);
+  // role "agent" and meta {}: agent()'s defaults.
+  assert.deepEqual(
+    times({ ...made, id: "<id>" }),
+    agent("<id>", "Bob", { token: "<token>" }),
+  );
 });
 
 test("registering an agent id twice is 409 agent_exists and changes nothing", async ({ call }) => {
@@ -259,48 +254,22 @@ test("POST /rooms/:id/messages appends a message", async ({ call }) => {
     body: { do: "review" },
   });
   assert.equal(res.status, 201);
-  assert.deepEqual(times(res.body), {
-    id: 1,
-    room_id: "r",
-    from_agent: "alice",
-    to_agent: "bob",
-    kind: "task",
-    body: { do: "review" },
-    created_at: "<time>",
-    reply_to: null,
-    claimed_by: null,
-    claimed_at: null,
-    lease_expires_at: null,
-    status: "open",
-    attempts: 0,
-    max_attempts: null,
-    done_at: null,
-    done_by: null,
-  });
+  assert.deepEqual(
+    times(res.body),
+    message(1, { do: "review" }, {
+      from_agent: "alice",
+      to_agent: "bob",
+      kind: "task",
+    }),
+  );
 });
 
 test("a message with only a body is from nobody, to everyone, of kind message", async ({ call }) => {
   await call("POST", "/rooms", { id: "r" });
   const res = await call("POST", "/rooms/r/messages", { body: "hello" });
   assert.equal(res.status, 201);
-  assert.deepEqual(times(res.body), {
-    id: 1,
-    room_id: "r",
-    from_agent: null,
-    to_agent: null,
-    kind: "message",
-    body: "hello",
-    created_at: "<time>",
-    reply_to: null,
-    claimed_by: null,
-    claimed_at: null,
-    lease_expires_at: null,
-    status: "open",
-    attempts: 0,
-    max_attempts: null,
-    done_at: null,
-    done_by: null,
-  });
+  // From nobody (null), to everyone (null), kind "message": message()'s defaults.
+  assert.deepEqual(times(res.body), message(1, "hello"));
   const nulls = await call("POST", "/rooms/r/messages", {
     from: null,
     to: null,

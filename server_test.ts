@@ -3,7 +3,7 @@
  * what only shows over a socket (persistence across restarts, SIGTERM, start-up errors).
  */
 import assert from "node:assert/strict";
-import { startServer } from "./testing.ts";
+import { expect, startServer, withTempDir } from "./testing.ts";
 
 const ROOT = new URL(".", import.meta.url).pathname;
 
@@ -17,28 +17,6 @@ async function startAndExit(env: Record<string, string>) {
   return { code: out.code, stderr: new TextDecoder().decode(out.stderr) };
 }
 
-/** A JSON call over HTTP that asserts the status and returns the body. */
-async function call(
-  base: string,
-  method: string,
-  path: string,
-  status: number,
-  body?: unknown,
-): Promise<unknown> {
-  const res = await fetch(base + path, {
-    method,
-    headers: { "content-type": "application/json" },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  const json = await res.json();
-  assert.equal(
-    res.status,
-    status,
-    `${method} ${path}: ${JSON.stringify(json)}`,
-  );
-  return json;
-}
-
 /** Drops `idle_ms`, which changes with every read. */
 function withoutIdle(value: unknown): unknown {
   return JSON.parse(
@@ -48,25 +26,16 @@ function withoutIdle(value: unknown): unknown {
 
 /** Everything the service holds, read over HTTP. */
 async function everything(base: string) {
-  const rooms = (await call(base, "GET", "/rooms", 200)) as { id: string }[];
+  const rooms = (await expect(base, "GET", "/rooms", 200)) as { id: string }[];
   const out: Record<string, unknown> = { rooms };
   for (const { id } of rooms) {
     out[id] = await Promise.all([
-      call(base, "GET", `/rooms/${id}/agents`, 200),
-      call(base, "GET", `/rooms/${id}/messages?limit=1000`, 200),
-      call(base, "GET", `/rooms/${id}/state`, 200),
+      expect(base, "GET", `/rooms/${id}/agents`, 200),
+      expect(base, "GET", `/rooms/${id}/messages?limit=1000`, 200),
+      expect(base, "GET", `/rooms/${id}/state`, 200),
     ]);
   }
   return withoutIdle(out);
-}
-
-async function withTempDir(fn: (dir: string) => Promise<void>) {
-  const dir = await Deno.makeTempDir({ prefix: "sync-server-test-" });
-  try {
-    await fn(dir);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
 }
 
 type Message = {
@@ -84,25 +53,25 @@ Deno.test("the seed agent loop with two agents survives a restart of deno task s
     const base = server.url;
     try {
       // 1. create or join the room: the first agent creates it, the second joins it.
-      await call(base, "POST", "/rooms", 201, {
+      await expect(base, "POST", "/rooms", 201, {
         id: "crew",
         meta: { goal: "ship" },
       });
-      await call(base, "POST", "/rooms", 200, { id: "crew" });
+      await expect(base, "POST", "/rooms", 200, { id: "crew" });
       // 2. register self
-      await call(base, "POST", "/rooms/crew/agents", 201, {
+      await expect(base, "POST", "/rooms/crew/agents", 201, {
         id: "alice",
         name: "Alice",
         role: "planner",
       });
-      await call(base, "POST", "/rooms/crew/agents", 201, {
+      await expect(base, "POST", "/rooms/crew/agents", 201, {
         id: "bob",
         name: "Bob",
         role: "worker",
       });
       const cursor = { alice: 0, bob: 0 };
       const poll = async (agent: "alice" | "bob") => {
-        const page = (await call(
+        const page = (await expect(
           base,
           "GET",
           `/rooms/crew/messages?after=${cursor[agent]}`,
@@ -113,7 +82,7 @@ Deno.test("the seed agent loop with two agents survives a restart of deno task s
       };
       for (let round = 1; round <= 3; round++) {
         // 4. alice posts a task; 3. bob polls and finds it
-        await call(base, "POST", "/rooms/crew/messages", 201, {
+        await expect(base, "POST", "/rooms/crew/messages", 201, {
           from: "alice",
           to: "bob",
           kind: "task",
@@ -122,18 +91,18 @@ Deno.test("the seed agent loop with two agents survives a restart of deno task s
         const tasks = await poll("bob");
         assert.deepEqual(tasks.map((m) => m.body), [{ round, do: "work" }]);
         // 4. bob posts the result; 5. and updates state
-        await call(base, "POST", "/rooms/crew/messages", 201, {
+        await expect(base, "POST", "/rooms/crew/messages", 201, {
           from: "bob",
           to: "alice",
           kind: "result",
           body: `done ${round}`,
         });
-        await call(base, "PUT", "/rooms/crew/state", 200, {
+        await expect(base, "PUT", "/rooms/crew/state", 200, {
           scope: "bob",
           key: "progress",
           value: round,
         });
-        const shared = (await call(base, "PUT", "/rooms/crew/state", 200, {
+        const shared = (await expect(base, "PUT", "/rooms/crew/state", 200, {
           key: "round",
           value: round,
         })) as {
@@ -144,12 +113,12 @@ Deno.test("the seed agent loop with two agents survives a restart of deno task s
         const results = await poll("alice");
         assert.deepEqual(results.map((m) => m.body), [`done ${round}`]);
       }
-      await call(base, "DELETE", "/rooms/crew/state", 200, {
+      await expect(base, "DELETE", "/rooms/crew/state", 200, {
         scope: "bob",
         key: "progress",
       });
-      await call(base, "POST", "/rooms", 201, { id: "other" });
-      await call(base, "PUT", "/rooms/other/state", 200, {
+      await expect(base, "POST", "/rooms", 201, { id: "other" });
+      await expect(base, "PUT", "/rooms/other/state", 200, {
         key: "k",
         value: "42",
       });
@@ -161,11 +130,11 @@ Deno.test("the seed agent loop with two agents survives a restart of deno task s
       server = await startServer(env);
       assert.deepEqual(await everything(server.url), before);
       const next =
-        (await call(server.url, "POST", "/rooms/crew/messages", 201, {
+        (await expect(server.url, "POST", "/rooms/crew/messages", 201, {
           body: "after restart",
         })) as Message;
       assert.equal(next.id, 7, "ids continue after the restart");
-      const round = (await call(server.url, "PUT", "/rooms/crew/state", 200, {
+      const round = (await expect(server.url, "PUT", "/rooms/crew/state", 200, {
         key: "round",
         value: 4,
       })) as {
@@ -183,7 +152,7 @@ Deno.test("SIGTERM lets an in-flight request finish before the process exits", a
     const env = { DATABASE_URL: `file:${dir}/sync.db` };
     const server = await startServer(env);
     try {
-      await call(server.url, "POST", "/rooms", 201, { id: "r" });
+      await expect(server.url, "POST", "/rooms", 201, { id: "r" });
       // A request whose body is still arriving when SIGTERM lands.
       const rest = Promise.withResolvers<void>();
       const encoder = new TextEncoder();
@@ -219,7 +188,7 @@ Deno.test("SIGTERM lets an in-flight request finish before the process exits", a
     const again = await startServer(env);
     try {
       const messages =
-        (await call(again.url, "GET", "/rooms/r/messages", 200)) as Message[];
+        (await expect(again.url, "GET", "/rooms/r/messages", 200)) as Message[];
       assert.deepEqual(messages.map((m) => m.body), ["slow write"]);
     } finally {
       await again.stop();
@@ -250,11 +219,11 @@ Deno.test("a long-poll is held, woken within milliseconds by a write, and times 
     const server = await startServer({ DATABASE_URL: `file:${dir}/sync.db` });
     const base = server.url;
     try {
-      await call(base, "POST", "/rooms", 201, { id: "r" });
+      await expect(base, "POST", "/rooms", 201, { id: "r" });
       // Timeout: an empty wait of 1 s answers [] after about 1 s.
       let t0 = performance.now();
       assert.deepEqual(
-        await call(base, "GET", "/rooms/r/messages?wait=1", 200),
+        await expect(base, "GET", "/rooms/r/messages?wait=1", 200),
         [],
       );
       const held = performance.now() - t0;
@@ -267,7 +236,7 @@ Deno.test("a long-poll is held, woken within milliseconds by a write, and times 
           .then((r) => r.json());
         await new Promise((resolve) => setTimeout(resolve, 20));
         t0 = performance.now();
-        const posted = (await call(base, "POST", "/rooms/r/messages", 201, {
+        const posted = (await expect(base, "POST", "/rooms/r/messages", 201, {
           body: i,
         })) as Message;
         const woke = (await waiter) as Message[];
@@ -328,16 +297,16 @@ Deno.test("the SSE stream sends messages in order and Last-Event-ID resumes with
     const server = await startServer({ DATABASE_URL: `file:${dir}/sync.db` });
     const base = server.url;
     try {
-      await call(base, "POST", "/rooms", 201, { id: "r" });
+      await expect(base, "POST", "/rooms", 201, { id: "r" });
       for (let i = 1; i <= 3; i++) {
-        await call(base, "POST", "/rooms/r/messages", 201, { body: i });
+        await expect(base, "POST", "/rooms/r/messages", 201, { body: i });
       }
       const res = await fetch(`${base}/rooms/r/stream?after=1`);
       assert.equal(res.headers.get("content-type"), "text/event-stream");
       assert.equal(res.headers.get("x-accel-buffering"), "no");
       const live = (async () => {
         await new Promise((resolve) => setTimeout(resolve, 100));
-        await call(base, "POST", "/rooms/r/messages", 201, { body: 4 });
+        await expect(base, "POST", "/rooms/r/messages", 201, { body: 4 });
       })();
       const first = await readEvents(res, 3);
       await live;
@@ -349,7 +318,7 @@ Deno.test("the SSE stream sends messages in order and Last-Event-ID resumes with
         "4",
       ]]);
       // The client "drops" after id 3 and resumes: it gets 4, then 5 posted later.
-      await call(base, "POST", "/rooms/r/messages", 201, { body: 5 });
+      await expect(base, "POST", "/rooms/r/messages", 201, { body: 5 });
       const resumed = await fetch(`${base}/rooms/r/stream`, {
         headers: { "last-event-id": "3" },
       });
@@ -370,8 +339,8 @@ Deno.test("two instances on one database file: waiters are woken across them, CA
     const a = await startServer(env);
     const b = await startServer(env);
     try {
-      await call(a.url, "POST", "/rooms", 201, { id: "r" });
-      await call(b.url, "POST", "/rooms", 200, { id: "r" });
+      await expect(a.url, "POST", "/rooms", 201, { id: "r" });
+      await expect(b.url, "POST", "/rooms", 200, { id: "r" });
       // A waiter on A, a write on B.
       const samples: number[] = [];
       let after = 0;
@@ -380,7 +349,7 @@ Deno.test("two instances on one database file: waiters are woken across them, CA
           .then((r) => r.json());
         await new Promise((resolve) => setTimeout(resolve, 50));
         const t0 = performance.now();
-        const posted = (await call(b.url, "POST", "/rooms/r/messages", 201, {
+        const posted = (await expect(b.url, "POST", "/rooms/r/messages", 201, {
           body: i,
         })) as Message;
         const woke = (await waiter) as Message[];
@@ -396,7 +365,7 @@ Deno.test("two instances on one database file: waiters are woken across them, CA
       );
       assert.ok(samples.at(-1)! < 2000, "woken within about a second");
       // A state waiter on B, a write on A.
-      await call(a.url, "PUT", "/rooms/r/state", 200, {
+      await expect(a.url, "PUT", "/rooms/r/state", 200, {
         key: "turn",
         value: "a",
       });
@@ -404,14 +373,14 @@ Deno.test("two instances on one database file: waiters are woken across them, CA
         `${b.url}/rooms/r/state?key=turn&after_version=1&wait=10`,
       ).then((r) => r.json());
       await new Promise((resolve) => setTimeout(resolve, 50));
-      await call(a.url, "PUT", "/rooms/r/state", 200, {
+      await expect(a.url, "PUT", "/rooms/r/state", 200, {
         key: "turn",
         value: "b",
       });
       assert.equal((await stateWaiter).value, "b");
 
       // 20 CAS writers split over both instances: exactly one wins.
-      await call(a.url, "PUT", "/rooms/r/state", 200, {
+      await expect(a.url, "PUT", "/rooms/r/state", 200, {
         key: "lock",
         value: "free",
       });
@@ -433,7 +402,7 @@ Deno.test("two instances on one database file: waiters are woken across them, CA
       assert.equal(writers.filter((w) => w.status === 200).length, 1);
       assert.equal(writers.filter((w) => w.status === 409).length, 19);
       // 20 claimers of one task split over both instances: exactly one holds it.
-      const task = (await call(a.url, "POST", "/rooms/r/messages", 201, {
+      const task = (await expect(a.url, "POST", "/rooms/r/messages", 201, {
         kind: "task",
         body: "t",
       })) as Message;
@@ -458,14 +427,14 @@ Deno.test("two instances on one database file: waiters are woken across them, CA
         Array.from(
           { length: 40 },
           (_, i) =>
-            call(i % 2 ? a.url : b.url, "PUT", "/rooms/r/state", 200, {
+            expect(i % 2 ? a.url : b.url, "PUT", "/rooms/r/state", 200, {
               key: "n",
               increment: true,
             }),
         ),
       );
       assert.equal(
-        ((await call(b.url, "GET", "/rooms/r/state?key=n", 200)) as {
+        ((await expect(b.url, "GET", "/rooms/r/state?key=n", 200)) as {
           value: number;
         }).value,
         40,
@@ -481,8 +450,8 @@ Deno.test("SIGTERM ends open long-polls and streams at once and exits within a f
   await withTempDir(async (dir) => {
     const server = await startServer({ DATABASE_URL: `file:${dir}/sync.db` });
     const base = server.url;
-    await call(base, "POST", "/rooms", 201, { id: "r" });
-    await call(base, "PUT", "/rooms/r/state", 200, { key: "k", value: 1 });
+    await expect(base, "POST", "/rooms", 201, { id: "r" });
+    await expect(base, "PUT", "/rooms/r/state", 200, { key: "k", value: 1 });
     const polls = Array.from(
       { length: 5 },
       () =>
@@ -520,7 +489,7 @@ Deno.test("SIGTERM exits even when a stream's client stopped reading", async () 
   await withTempDir(async (dir) => {
     const server = await startServer({ DATABASE_URL: `file:${dir}/sync.db` });
     const base = server.url;
-    await call(base, "POST", "/rooms", 201, { id: "r" });
+    await expect(base, "POST", "/rooms", 201, { id: "r" });
     const { port } = new URL(base);
     const conn = await Deno.connect({
       hostname: "127.0.0.1",
@@ -534,7 +503,7 @@ Deno.test("SIGTERM exits even when a stream's client stopped reading", async () 
     // 12 MB of messages the client never reads fill every buffer on the way.
     const big = "x".repeat(200_000);
     for (let i = 0; i < 60; i++) {
-      await call(base, "POST", "/rooms/r/messages", 201, { body: big });
+      await expect(base, "POST", "/rooms/r/messages", 201, { body: big });
     }
     const t0 = performance.now();
     const status = await server.stop("SIGTERM");

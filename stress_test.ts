@@ -6,20 +6,11 @@
  */
 import assert from "node:assert/strict";
 import { createClient } from "@libsql/client";
-import { type Server, startServer } from "./testing.ts";
+import { type Server, startServer, withTempDir } from "./testing.ts";
 
 /** The real server, with no rate limit (the clients here are many and fast). */
 const start = (env: Record<string, string>) =>
   startServer({ RATE_LIMIT: "0", ...env });
-
-async function withTempDir(fn: (dir: string) => Promise<void>) {
-  const dir = await Deno.makeTempDir({ prefix: "sync-stress-test-" });
-  try {
-    await fn(dir);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-}
 
 /**
  * What a request came to: the status and body, or status 0 when no whole answer arrived

@@ -240,3 +240,64 @@ export function message(
     ...more,
   };
 }
+
+/** Runs `fn` with a fresh temp folder, removed afterwards. */
+export async function withTempDir(fn: (dir: string) => Promise<void>) {
+  const dir = await Deno.makeTempDir({ prefix: "sync-test-" });
+  try {
+    await fn(dir);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+/**
+ * A JSON call over HTTP to a running server, with an optional bearer token; asserts
+ * the status and answers the body.
+ */
+export async function expect(
+  base: string,
+  method: string,
+  path: string,
+  status: number,
+  body?: unknown,
+  token?: string,
+  // deno-lint-ignore no-explicit-any
+): Promise<any> {
+  const headers: Record<string, string> = {
+    "content-type": "application/json",
+  };
+  if (token) headers.authorization = `Bearer ${token}`;
+  const res = await fetch(base + path, {
+    method,
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const json = await res.json();
+  assert.equal(
+    res.status,
+    status,
+    `${method} ${path}: ${JSON.stringify(json)}`,
+  );
+  return json;
+}
+
+/** An agent of room "r" as `times()` leaves it (with `token` when it was just issued). */
+export function agent(
+  id: string,
+  name: string,
+  more: Record<string, unknown> = {},
+) {
+  return {
+    id,
+    room_id: "r",
+    name,
+    role: "agent",
+    joined_at: "<time>",
+    meta: {},
+    status: "active",
+    last_seen: "<time>",
+    idle_ms: "<ms>",
+    ...more,
+  };
+}

@@ -212,19 +212,21 @@ export class Notifier {
  * with no write (a TTL or a lease running out) through `recheckAt`.
  */
 export async function waitFor<T>(options: {
-  notifier: Notifier;
+  db: Db;
   room: string;
-  rev: number;
-  ms: number;
+  seconds: number;
   signal?: AbortSignal;
   check: (recheckAt: (time: number) => void) => Promise<T | undefined>;
   wakes: (event: RoomEvent) => boolean;
   /** Throws when the request may no longer read the room (run on `access` events). */
   verify?: () => Promise<void>;
 }): Promise<T | undefined> {
-  const { notifier, room, rev, signal, check, wakes, verify } = options;
+  const { db, room, signal, check, wakes, verify } = options;
+  const notifier = notifierOf(db);
+  // Read before the first check: a write by another instance after it is not missed.
+  const rev = await roomRev(db, room);
   let recheckAccess = false;
-  const deadline = Date.now() + options.ms;
+  const deadline = Date.now() + options.seconds * 1000;
   let woke = Promise.withResolvers<void>();
   const unsubscribe = notifier.subscribe(room, rev, (event) => {
     if (event.type === "access") recheckAccess = true;
@@ -293,10 +295,9 @@ export async function waitForMessages(
 ): Promise<MessagePage> {
   if (seconds <= 0) return listMessagesJson(db, roomId, filter);
   const found = await waitFor({
-    notifier: notifierOf(db),
+    db,
     room: roomId,
-    rev: await roomRev(db, roomId),
-    ms: seconds * 1000,
+    seconds,
     signal,
     check: async (recheckAt) => {
       // Waiters on the same filter share one read per event (`Notifier.shared`);
@@ -351,10 +352,9 @@ export async function waitForState(
     return entry.version > afterVersion ? { entry } : undefined;
   };
   const found = await waitFor({
-    notifier: notifierOf(db),
+    db,
     room: roomId,
-    rev: await roomRev(db, roomId),
-    ms: seconds * 1000,
+    seconds,
     signal,
     check: changed,
     wakes: (event) =>

@@ -10,9 +10,18 @@
  *   writes only its own scope and `_shared`. A view token never writes.
  * - `SYNC_ADMIN_TOKEN` (if set) acts as the admin of every room and lists locked rooms.
  */
-import { agentByToken, type Room, type RoomRecord } from "./db.ts";
+import {
+  type Agent,
+  agentByToken,
+  getAgent,
+  insertAgent,
+  type Room,
+  type RoomRecord,
+  updateAgent,
+} from "./db.ts";
 import { type Db } from "./driver.ts";
-import { ApiError } from "./errors.ts";
+import { agentNotFound, ApiError } from "./errors.ts";
+import type { RegisterAgent } from "./schemas.ts";
 
 const SYNC_ADMIN_TOKEN = Deno.env.get("SYNC_ADMIN_TOKEN") || undefined;
 // It opens every room; one short enough to guess would open them to anyone.
@@ -193,4 +202,54 @@ export function mayWriteScope(room: Room, caller: Caller, scope: string): void {
     `Agent "${caller.id}" writes only its own scope and "_shared" in a locked room, not "${scope}"`,
     { field: "scope", agent: caller.id },
   );
+}
+
+/**
+ * Registers an agent in a room, issuing its token (201), or registers it again (200):
+ * joining a locked room takes the room token, an agent registering itself again (with
+ * its own token) is not joining; registering an id that is taken needs the agent's own
+ * token or the room's (else 409 `agent_exists`), and keeps the token unless
+ * `rotate_token` asks for a new one.
+ */
+export async function registerAgent(
+  db: Db,
+  room: Room,
+  caller: Caller,
+  input: RegisterAgent,
+): Promise<{ status: 200 | 201; agent: Agent & { token?: string } }> {
+  const id = input.id ?? crypto.randomUUID();
+  const itself = caller.kind === "agent" && caller.id === id;
+  if (room.locked && !itself) {
+    mayAdminister(room, caller, "Joining a locked room");
+  }
+  const fields = {
+    id,
+    room_id: room.id,
+    name: input.name,
+    role: input.role ?? "agent",
+    meta: input.meta === undefined ? {} : input.meta,
+  };
+  const token = newToken("as");
+  const agent = await insertAgent(db, {
+    ...fields,
+    token_hash: await hashToken(token),
+  });
+  if (agent) return { status: 201, agent: { ...agent, token } };
+  if (!itself && caller.kind !== "room" && caller.kind !== "admin") {
+    throw new ApiError(
+      "agent_exists",
+      `Agent "${id}" is already registered in room "${room.id}"; use it as it is, register another id, or send its token to register it again`,
+      { agent: await getAgent(db, room.id, id) },
+    );
+  }
+  const rotated = input.rotate_token ? newToken("as") : undefined;
+  const updated = await updateAgent(db, {
+    ...fields,
+    token_hash: rotated === undefined ? undefined : await hashToken(rotated),
+  });
+  if (!updated) throw agentNotFound(room.id, id);
+  return {
+    status: 200,
+    agent: rotated === undefined ? updated : { ...updated, token: rotated },
+  };
 }

@@ -4,7 +4,7 @@
  */
 import { LibsqlError } from "@libsql/client/web";
 
-import { type Message, type WriteResult } from "./db.ts";
+import type { BatchResult, Message, WriteResult } from "./db.ts";
 import { isUnavailable } from "./driver.ts";
 import type { Context, ErrorHandler, NotFoundHandler } from "hono";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
@@ -337,5 +337,36 @@ export function refused(
       result.current ? `at version ${result.current.version}` : "absent"
     }; current holds the entry as it is`,
     { expected_version: expected, current: result.current },
+  );
+}
+
+/** The error of a batch that was not applied: a missing reply, a race, or its conflicts. */
+export function batchRefused(
+  roomId: string,
+  result: BatchResult & { ok: false },
+): ApiError {
+  if ("missing_reply_to" in result) {
+    return replyNotFound(roomId, result.missing_reply_to);
+  }
+  if (result.conflicts.length === 0) {
+    return new ApiError(
+      "conflict",
+      "The batch raced with other writes on every try; nothing was written, retry",
+    );
+  }
+  const versions = result.conflicts.some((conflict) =>
+    conflict.reason === "version_conflict"
+  );
+  const code = versions ? "version_conflict" : result.conflicts[0].reason;
+  return new ApiError(
+    code,
+    `The batch was not applied: ${result.conflicts.length} of its state writes ${
+      {
+        version_conflict: "expected another version",
+        not_a_number: "would add to a value that is not a number",
+        out_of_range: "would make a number too large for JSON",
+      }[code]
+    }; nothing was written`,
+    { conflicts: result.conflicts },
   );
 }

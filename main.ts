@@ -16,10 +16,8 @@ import {
   createRoom,
   deleteRoom,
   findRoom,
-  getAgent,
   getRoom,
   IDEMPOTENCY_TTL_MS,
-  insertAgent,
   insertMessage,
   listAgents,
   listMessages,
@@ -33,7 +31,6 @@ import {
   type StateEntry,
   type TaskStatus,
   touchAgent,
-  updateAgent,
   writeState,
 } from "./db.ts";
 import { CannotOpen, Db, ping } from "./driver.ts";
@@ -49,6 +46,7 @@ import {
   mayWrite,
   mayWriteScope,
   newToken,
+  registerAgent,
 } from "./auth.ts";
 import { skill, usage } from "./docs.ts";
 import { type RateLimit, RateLimiter } from "./limits.ts";
@@ -57,6 +55,7 @@ import {
   alreadyClaimed,
   alreadyCompleted,
   ApiError,
+  batchRefused,
   errorResponse,
   messageNotFound,
   notClaimable,
@@ -383,49 +382,13 @@ export function createApp(options: AppOptions) {
     .openapi(
       { ...routes.registerAgent, middleware: [inRoom, writer, jsonBody] },
       async (c) => {
-        const input = c.req.valid("json");
-        const { room, caller } = c.var;
-        const id = input.id ?? crypto.randomUUID();
-        // Joining a locked room takes the room token; an agent registering itself
-        // again (with its own token) is not joining.
-        const itself = caller.kind === "agent" && caller.id === id;
-        if (room.locked && !itself) {
-          mayAdminister(room, caller, "Joining a locked room");
-        }
-        const fields = {
-          id,
-          room_id: room.id,
-          name: input.name,
-          role: input.role ?? "agent",
-          meta: input.meta === undefined ? {} : input.meta,
-        };
-        const token = newToken("as");
-        const agent = await insertAgent(db, {
-          ...fields,
-          token_hash: await hashToken(token),
-        });
-        if (agent) return c.json({ ...agent, token }, 201);
-        // Registering again: only the agent itself or the room admin, and the token
-        // stays unless rotate_token asks for a new one.
-        if (!itself && caller.kind !== "room" && caller.kind !== "admin") {
-          throw new ApiError(
-            "agent_exists",
-            `Agent "${id}" is already registered in room "${room.id}"; use it as it is, register another id, or send its token to register it again`,
-            { agent: await getAgent(db, room.id, id) },
-          );
-        }
-        const rotated = input.rotate_token ? newToken("as") : undefined;
-        const updated = await updateAgent(db, {
-          ...fields,
-          token_hash: rotated === undefined
-            ? undefined
-            : await hashToken(rotated),
-        });
-        if (!updated) throw agentNotFound(room.id, id);
-        return c.json(
-          rotated === undefined ? updated : { ...updated, token: rotated },
-          200,
+        const { status, agent } = await registerAgent(
+          db,
+          c.var.room,
+          c.var.caller,
+          c.req.valid("json"),
         );
+        return c.json(agent, status);
       },
     )
     .openapi(
@@ -656,32 +619,7 @@ export function createApp(options: AppOptions) {
               body: { state: result.state, messages: result.messages },
             };
           }
-          if ("missing_reply_to" in result) {
-            throw replyNotFound(roomId, result.missing_reply_to);
-          }
-          if (result.conflicts.length === 0) {
-            throw new ApiError(
-              "conflict",
-              "The batch raced with other writes on every try; nothing was written, retry",
-            );
-          }
-          const versions = result.conflicts.some((conflict) =>
-            conflict.reason === "version_conflict"
-          );
-          const code = versions
-            ? "version_conflict"
-            : result.conflicts[0].reason;
-          throw new ApiError(
-            code,
-            `The batch was not applied: ${result.conflicts.length} of its state writes ${
-              {
-                version_conflict: "expected another version",
-                not_a_number: "would add to a value that is not a number",
-                out_of_range: "would make a number too large for JSON",
-              }[code]
-            }; nothing was written`,
-            { conflicts: result.conflicts },
-          );
+          throw batchRefused(roomId, result);
         });
       },
     )

@@ -690,7 +690,7 @@ function isoSql(ms: string): string {
 /**
  * A message row as the JSON object `toMessage` makes of it, built by SQLite: a second
  * mapper for the messages table, kept because pages built this way cost half as much
- * as rows mapped in JS (README, "Performance"); db_test.ts holds the two equal. Its
+ * as rows mapped in JS (docs/PERFORMANCE.md); db_test.ts holds the two equal. Its
  * `?`s are all the current time (ms), `messageJsonArgs`: a lapsed lease reads as no
  * claim.
  */

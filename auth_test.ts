@@ -1567,7 +1567,7 @@ test("a view token cannot show an agent as waiting", async ({ call, db }) => {
   assert.deepEqual(withoutIdle(after), withoutIdle(before));
 });
 
-test("the same Idempotency-Key and body from another agent is another request: 422", async ({ call }) => {
+test("an Idempotency-Key belongs to its caller: another agent's same key and body makes its own request", async ({ call }) => {
   const { room } = await createRoom(call, "r", { locked: true });
   const a = await join(call, "r", { id: "a", name: "A" }, room);
   const b = await join(call, "r", { id: "b", name: "B" }, room);
@@ -1581,26 +1581,43 @@ test("the same Idempotency-Key and body from another agent is another request: 4
     201,
   );
   assert.equal(first.from_agent, "a");
-  expectError(
-    await call("POST", "/rooms/r/messages", {
-      body: { body: "done" },
-      token: b,
-      headers,
-    }),
-    422,
-    "idempotency_key_reused",
-  );
+  const other = await call("POST", "/rooms/r/messages", {
+    body: { body: "done" },
+    token: b,
+    headers,
+  });
+  assert.equal(other.status, 201);
+  assert.equal(other.headers.get("idempotent-replayed"), null);
+  assert.equal(other.body.from_agent, "b");
+  assert.notEqual(other.body.id, first.id);
   const replay = await call("POST", "/rooms/r/messages", {
     body: { body: "done" },
     token: a,
     headers,
   });
   assert.equal(replay.headers.get("idempotent-replayed"), "true");
+  assert.deepEqual(replay.body, first);
+  // b's own repeat replays b's answer; a's key on another body is still refused.
+  const again = await call("POST", "/rooms/r/messages", {
+    body: { body: "done" },
+    token: b,
+    headers,
+  });
+  assert.deepEqual(again.body, other.body);
+  expectError(
+    await call("POST", "/rooms/r/messages", {
+      body: { body: "changed" },
+      token: a,
+      headers,
+    }),
+    422,
+    "idempotency_key_reused",
+  );
   const all = expect(
     await call("GET", "/rooms/r/messages", { token: a }),
     200,
   ) as unknown as unknown[];
-  assert.equal(all.length, 1);
+  assert.equal(all.length, 2);
 });
 
 test("a long-poll of a room that is deleted meanwhile answers 404 room_not_found", async ({ call }) => {

@@ -698,13 +698,16 @@ Deno.test({
                 const address of [
                   "/?room=vault",
                   "/?room=vault#token=view_wrong",
+                  "/?room=vault#token=%0Aview%20bad",
                 ]
               ) {
                 const page = await stranger.newPage();
                 await page.goto(base + address);
                 // Without a token: how to open it; with a wrong one: that it was refused.
                 await page.getByText(
-                  address.includes("#token=")
+                  address.includes("%0A")
+                    ? "The #token= in the address is malformed: a token is printable characters without spaces. Open the room again with #token=<a view, agent or room token>."
+                    : address.includes("#token=")
                     ? "This room is locked and its token was refused: open it again with #token=<a current view, agent or room token>."
                     : "This room is locked: add #token=<a view, agent or room token> to the address.",
                   { exact: true },

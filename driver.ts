@@ -343,3 +343,21 @@ export async function schemaVersion(db: Db): Promise<number> {
 export async function ping(db: Db): Promise<void> {
   await (await db.client()).execute("SELECT 1");
 }
+
+/**
+ * A database URL as it may be shown (a start-up line, a log): no user, password or
+ * query string (which may carry an auth token).
+ */
+export function shown(url: string): string {
+  try {
+    const parsed = new URL(url);
+    if (parsed.username !== "" || parsed.password !== "") {
+      parsed.username = "";
+      parsed.password = "";
+    }
+    parsed.search = "";
+    return parsed.href;
+  } catch {
+    return url.split("?")[0];
+  }
+}

@@ -160,9 +160,21 @@ export function errorBody(origin: string, error: ApiError) {
   };
 }
 
+/**
+ * The origin of a request's URL, or "" when it has none: a malformed Host header
+ * makes a URL no parser takes (the docs link is then relative).
+ */
+export function originOf(url: string): string {
+  try {
+    return new URL(url).origin;
+  } catch {
+    return "";
+  }
+}
+
 /** The JSON response for an error, with a link to the docs that explain it. */
 export function errorResponse(c: Context, error: ApiError): Response {
-  return c.json(errorBody(new URL(c.req.url).origin, error), error.status);
+  return c.json(errorBody(originOf(c.req.url), error), error.status);
 }
 
 /** 404 `room_not_found` for a room id. */

@@ -18,9 +18,10 @@ import { ApiError } from "./errors.ts";
 import { IdempotencyKey, parse } from "./schemas.ts";
 
 /**
- * Runs a write once per Idempotency-Key: a repeat of the same request gets the stored
- * first answer (with `Idempotent-Replayed: true`) and writes nothing; the key on
- * another request (path or body) is 422 `idempotency_key_reused`.
+ * Runs a write once per Idempotency-Key of a caller: a repeat of the same request gets
+ * the stored first answer (with `Idempotent-Replayed: true`) and writes nothing; the
+ * key on another request (path or body) of the same caller is 422
+ * `idempotency_key_reused`.
  */
 export async function once<T extends object, S extends 200 | 201>(
   db: Db,
@@ -36,12 +37,14 @@ export async function once<T extends object, S extends 200 | 201>(
     const { status, body } = await write();
     return c.json(body, status);
   }
-  const key = parse(IdempotencyKey, header, "Idempotency-Key header");
-  // Who asks is part of the request: the same key and body from another agent is
-  // another request, not a retry.
+  const given = parse(IdempotencyKey, header, "Idempotency-Key header");
+  // A key belongs to its caller: another agent using the same key makes its own
+  // request, and learns nothing of the other's (callers without a proven agent
+  // share a key by their kind).
   const who = caller.kind === "agent" ? `agent ${caller.id}` : caller.kind;
+  const key = `${who}\n${given}`;
   const request = await sha256(
-    `${who} ${c.req.method} ${c.req.path}\n${await c.req.text()}`,
+    `${c.req.method} ${c.req.path}\n${await c.req.text()}`,
   );
   const replay = async () => {
     // The first request may still be running: its answer is stored when it ends.
@@ -50,7 +53,7 @@ export async function once<T extends object, S extends 200 | 201>(
       if (stored !== null && stored.request !== request) {
         throw new ApiError(
           "idempotency_key_reused",
-          `Idempotency-Key "${key}" was used for another request in this room; use a new key`,
+          `Idempotency-Key "${given}" was used for another request in this room; use a new key`,
         );
       }
       if (stored?.answer) {
@@ -62,7 +65,7 @@ export async function once<T extends object, S extends 200 | 201>(
     }
     throw new ApiError(
       "idempotency_key_in_use",
-      `Idempotency-Key "${key}" belongs to a request that has not finished; retry later or use a new key`,
+      `Idempotency-Key "${given}" belongs to a request that has not finished; retry later or use a new key`,
     );
   };
   if (await getIdempotent(db, roomId, key) !== null) return replay();

@@ -62,6 +62,7 @@ import {
   notFound,
   notHolder,
   onError,
+  originOf,
   refused,
   replyNotFound,
   roomNotFound,
@@ -215,6 +216,15 @@ export function createApp(options: AppOptions) {
   const app = new OpenAPIHono<RoomEnv>({ defaultHook: refuseInvalid });
   app.onError(onError)
     .notFound(notFound)
+    // A Host header no URL can hold (`x:99999`): every route would trip on it.
+    .use((c, next) => {
+      if (originOf(c.req.url) !== "") return next();
+      throw new ApiError(
+        "invalid_request",
+        "The Host header is malformed: send a host name or address, and a port from 1 to 65535",
+        { field: "Host" },
+      );
+    })
     // Tokens travel in headers, never cookies, so any origin may call the JSON API.
     .use(cors({
       origin: "*",

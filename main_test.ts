@@ -536,6 +536,35 @@ type BadCase = [string, string, string, unknown, number, string, string?];
 
 /** [name, method, path, body, status, code, field]: each on room "r" seeded by seedRoom. */
 const BAD_INPUT: BadCase[] = [
+  ["room id .", "POST", "/rooms", { id: "." }, 400, "invalid_request", "id"],
+  ["room id ..", "POST", "/rooms", { id: ".." }, 400, "invalid_request", "id"],
+  [
+    "agent id ..",
+    "POST",
+    "/rooms/r/agents",
+    { id: "..", name: "A" },
+    400,
+    "invalid_request",
+    "id",
+  ],
+  [
+    "agent name with U+0000",
+    "POST",
+    "/rooms/r/agents",
+    '{"name":"\\u0000hidden"}',
+    400,
+    "invalid_request",
+    "name",
+  ],
+  [
+    "agent role with U+0000",
+    "POST",
+    "/rooms/r/agents",
+    '{"name":"A","role":"work\\u0000er"}',
+    400,
+    "invalid_request",
+    "role",
+  ],
   [
     "state key with a lone surrogate",
     "PUT",

@@ -13,7 +13,15 @@ import { ApiError, type ErrorCode, ERRORS } from "./errors.ts";
 /** Ids of rooms and agents, scopes and kinds. */
 export const Id = z.string().regex(/^[A-Za-z0-9._:@-]{1,128}$/, {
   error: "must be 1-128 characters of A-Z a-z 0-9 . _ : @ -",
-}).meta({ minLength: 1, maxLength: 128 });
+}).refine((id) => id !== "." && id !== "..", {
+  // A path segment of "." or ".." would name another path: /rooms/.. is /.
+  error: 'must not be "." or ".."',
+}).meta({
+  minLength: 1,
+  maxLength: 128,
+  // The same as the checks above: not only dots, unless three or more.
+  pattern: "^([A-Za-z0-9._:@-]*[A-Za-z0-9_:@-][A-Za-z0-9._:@-]*|\\.{3,})$",
+});
 
 /** A JSON value, as `JSON.parse` gives it. */
 export type JsonValue =
@@ -60,7 +68,10 @@ const Key = WellFormed.min(1).max(512).regex(/^\P{Cc}*$/u, {
   error: "must not contain control characters",
 }).meta({ pattern: "^\\P{Cc}*$" }); // zod would write the /u flag into the pattern
 
-const Name = WellFormed.min(1).max(256);
+/** A name or role: any text but U+0000, which SQLite and C clients would cut at. */
+const Name = WellFormed.min(1).max(256).regex(/^[^\u0000]*$/, {
+  error: "must not contain U+0000 (NUL)",
+});
 
 /** The largest id or count a query string takes (15 digits). */
 const MAX_COUNT = 999_999_999_999_999;

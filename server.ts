@@ -3,8 +3,8 @@
  * drains (refuses new requests, ends long-polls and streams through `onDrain`, lets the
  * requests in flight finish), closes the database and exits.
  */
-import { CannotOpen, type Db } from "./driver.ts";
-import { ApiError, errorBody } from "./errors.ts";
+import { CannotOpen, type Db, shown } from "./driver.ts";
+import { ApiError, errorBody, originOf } from "./errors.ts";
 import { app, db, drain, envInt } from "./main.ts";
 
 const PORT = envInt("PORT", 8000);
@@ -53,7 +53,7 @@ export function serve(
     if (draining) {
       return Response.json(
         errorBody(
-          new URL(request.url).origin,
+          originOf(request.url),
           new ApiError(
             "shutting_down",
             "The service is restarting; retry in a moment",
@@ -120,7 +120,7 @@ if (import.meta.main) {
     // A file that cannot be opened was said in one line already (db.ts).
     if (!(error instanceof Error && error.cause instanceof CannotOpen)) {
       console.error(
-        `sync: cannot open the database at ${db.options.url.split("?")[0]}: ${
+        `sync: cannot open the database at ${shown(db.options.url)}: ${
           error instanceof Error ? error.message : error
         }`,
       );

@@ -214,6 +214,21 @@ function percentile(sorted: number[], p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * p))];
 }
 
+Deno.test("the start-up line never shows a user, password or token from DATABASE_URL", async () => {
+  // Port 1 refuses at once: the start fails, and says where it tried.
+  const { code, stderr } = await startAndExit({
+    DATABASE_URL: "http://someone:hunter2@127.0.0.1:1/?authToken=sekrit",
+  });
+  assert.equal(code, 1);
+  const lines = stderr.split("\n").filter((line) => line.startsWith("sync:"));
+  assert.equal(lines.length, 1, stderr);
+  assert.match(
+    lines[0],
+    /^sync: cannot open the database at http:\/\/127\.0\.0\.1:1\/: /,
+  );
+  assert.doesNotMatch(stderr, /someone|hunter2|sekrit/);
+});
+
 Deno.test("a long-poll is held, woken within milliseconds by a write, and times out near the asked time", async () => {
   await withTempDir(async (dir) => {
     const server = await startServer({ DATABASE_URL: `file:${dir}/sync.db` });
@@ -512,5 +527,45 @@ Deno.test("SIGTERM exits even when a stream's client stopped reading", async () 
     assert.equal(status.code, 0);
     assert.ok(took < 4_000, `exited after ${took.toFixed(0)} ms`);
     console.log(`exit with a stalled stream open: ${took.toFixed(0)} ms`);
+  });
+});
+
+Deno.test("a malformed Host header is a 400 invalid_request on every route, never a 500", async () => {
+  await withTempDir(async (dir) => {
+    const server = await startServer({ DATABASE_URL: `file:${dir}/sync.db` });
+    try {
+      const { port } = new URL(server.url);
+      for (const host of ["x:99999", "a b", "[::1"]) {
+        for (const path of ["/rooms/nope", "/README.md", "/healthz"]) {
+          const conn = await Deno.connect({
+            hostname: "127.0.0.1",
+            port: Number(port),
+          });
+          await conn.write(
+            new TextEncoder().encode(
+              `GET ${path} HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`,
+            ),
+          );
+          let text = "";
+          const decoder = new TextDecoder();
+          for await (const chunk of conn.readable) {
+            text += decoder.decode(chunk, { stream: true });
+          }
+          const [head, body] = text.split("\r\n\r\n");
+          const where = `Host ${host}, ${path}`;
+          assert.match(head, /^HTTP\/1\.1 400 /, where);
+          assert.deepEqual(JSON.parse(body), {
+            error: "invalid_request",
+            message:
+              "The Host header is malformed: send a host name or address, and a port from 1 to 65535",
+            field: "Host",
+            docs: "/README.md#errors",
+          }, where);
+        }
+      }
+      assert.doesNotMatch(server.output(), /TypeError|Invalid URL/);
+    } finally {
+      await server.stop();
+    }
   });
 });

@@ -292,8 +292,10 @@ const base = "/rooms/" + encodeURIComponent(data.room);
 // change the fragment, and a reload still has it.
 const tokenKey = "sync-token:" + data.room;
 const given = new URLSearchParams(location.hash.slice(1)).get("token");
-if (given) {
-  sessionStorage.setItem(tokenKey, given);
+// A token is printable ASCII: anything else could not even be sent as a header.
+const malformed = given !== null && !/^[\\x21-\\x7e]+$/.test(given);
+if (given !== null) {
+  if (!malformed) sessionStorage.setItem(tokenKey, given);
   history.replaceState(null, "", location.pathname + location.search);
 }
 const token = sessionStorage.getItem(tokenKey);
@@ -467,10 +469,15 @@ async function follow() {
   }
 }
 
-/** Says why the page stopped following, and stops it. */
-function stop(text) {
+/** Says why the page does not follow the room. */
+function halt(text) {
   document.getElementById("room-meta").textContent = text;
   setStatus("stopped", "down");
+}
+
+/** Says why the page stopped following, and stops it. */
+function stop(text) {
+  halt(text);
   throw Object.assign(new Error(text), { fatal: true });
 }
 
@@ -489,6 +496,9 @@ async function loadLocked() {
 }
 
 (async () => {
+  if (malformed && data.locked) {
+    return halt("The #token= in the address is malformed: a token is printable characters without spaces. Open the room again with #token=<a view, agent or room token>.");
+  }
   if (data.locked) await loadLocked();
   for (let delay = 500;; delay = Math.min(delay * 2, 10000)) {
     try {

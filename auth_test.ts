@@ -1287,6 +1287,117 @@ test(
 );
 
 test(
+  "twenty proven tokens from one address stay under the address's ceiling",
+  async ({ call }) => {
+    await createRoom(call, "many", {});
+    // Twenty agent tokens, each joined and proven from an address of its own.
+    const tokens: string[] = [];
+    for (let i = 0; i < 20; i++) {
+      const env = { remoteAddr: { hostname: `10.0.1.${100 + i}` } };
+      const token = expect(
+        await call("POST", "/rooms/many/agents", {
+          env,
+          body: { id: `a${i}`, name: "A" },
+        }),
+        201,
+      ).token as string;
+      expect(await call("GET", "/rooms/many", { env, token }), 200);
+      tokens.push(token);
+    }
+    const env = { remoteAddr: { hostname: "10.0.1.2" } };
+    const started = performance.now();
+    let ok = 0;
+    for (let i = 0; i < 200; i++) {
+      const reply = await call("GET", "/rooms/many", {
+        env,
+        token: tokens[i % 20],
+      });
+      if (reply.status === 200) ok++;
+      else expectError(reply, 429, "rate_limited");
+    }
+    const seconds = (performance.now() - started) / 1000;
+    // Each token alone would allow its burst of 5 (100 in all); the address allows
+    // its burst of 50 and 50 a second after that.
+    assert.ok(ok <= 50 + Math.ceil(50 * seconds) + 1, `${ok} in ${seconds} s`);
+    assert.ok(ok >= 50, `${ok} in ${seconds} s`);
+  },
+  { rateLimit: { per_second: 5, burst: 5 } },
+);
+
+test(
+  "making rooms is charged to the address, whatever token comes with it",
+  async ({ call }) => {
+    const { room } = await createRoom(call, "home", {});
+    // The room token proves itself (from another address), so reads count as it...
+    expect(
+      await call("GET", "/rooms/home", {
+        env: { remoteAddr: { hostname: "10.0.2.9" } },
+        token: room,
+      }),
+      200,
+    );
+    const env = { remoteAddr: { hostname: "10.0.2.1" } };
+    expect(await call("GET", "/rooms/home", { env, token: room }), 200);
+    const made: number[] = [];
+    for (let i = 0; i < 12; i++) {
+      made.push((await call("POST", "/rooms", { env, token: room })).status);
+    }
+    // ...but new rooms (and their tokens) are the address's: 10, then 429.
+    assert.deepEqual(made, [...Array(10).fill(201), 429, 429]);
+    expect(await call("GET", "/rooms/home", { env, token: room }), 200);
+  },
+  LIMIT,
+);
+
+test(
+  "behind a proxy, TRUST_PROXY=1 takes the client from X-Forwarded-For; unset, every client is the proxy",
+  async ({ db }) => {
+    const proxy = { remoteAddr: { hostname: "10.0.3.1" } };
+    for (const trustProxy of [1, 0]) {
+      const call = callerOf(
+        createApp({
+          db,
+          rateLimit: { per_second: 5, burst: 3 },
+          trustProxy,
+        }),
+        [],
+      );
+      const statuses = async (client: string) => {
+        const out: number[] = [];
+        for (let i = 0; i < 4; i++) {
+          out.push(
+            (await call("GET", "/limits", {
+              env: proxy,
+              headers: { "x-forwarded-for": `203.0.113.9, ${client}` },
+            })).status,
+          );
+        }
+        return out;
+      };
+      const first = await statuses("198.51.100.1");
+      const second = await statuses("198.51.100.2");
+      assert.deepEqual(first, [200, 200, 200, 429], `trust ${trustProxy}`);
+      assert.deepEqual(
+        second,
+        trustProxy === 1 ? [200, 200, 200, 429] : [429, 429, 429, 429],
+        `trust ${trustProxy}`,
+      );
+      const limits = expect(
+        await call("GET", "/limits", {
+          env: { remoteAddr: { hostname: "10.0.3.2" } },
+        }),
+        200,
+      );
+      assert.equal(limits.trust_proxy, trustProxy);
+      assert.deepEqual(limits.rate_limit_per_address, {
+        per_second: 50,
+        burst: 30,
+      });
+    }
+  },
+);
+
+test(
   "GET /limits shows the rate limit and the body limit",
   async ({ call }) => {
     const body = expect(await call("GET", "/limits"), 200);

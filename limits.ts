@@ -1,7 +1,10 @@
 /**
- * The per-client rate limit: a token bucket per bearer token, or per IP address for
- * requests without one. Hand-written (a few lines) because the Hono rate limiters
- * count fixed windows, and the spec asks for a steady rate with a burst allowance.
+ * The rate limit: a token bucket per client (a proven bearer token, else the address),
+ * and a ceiling per address over all its tokens, so minting tokens (or rooms, which
+ * are charged to the address) buys no more. Hand-written (a few lines) because the Hono
+ * rate limiters count fixed windows, and the spec asks for a steady rate with a burst
+ * allowance. Behind a reverse proxy, `TRUST_PROXY` says which `X-Forwarded-For` entry
+ * is the client.
  */
 import type { Context, MiddlewareHandler } from "hono";
 import { hashToken } from "./auth.ts";
@@ -18,11 +21,35 @@ const MAX_BUCKETS = 10_000;
 /** How many proven tokens are remembered (by hash); past that the memory starts over. */
 const MAX_TRUSTED = 100_000;
 
-/** The address a request came from. */
-function address(c: Context): string {
+/**
+ * How many reverse proxies stand before the service: the client is the n-th
+ * `X-Forwarded-For` entry counted from the right; 0 (the default) ignores the header.
+ */
+const TRUST_PROXY = Number(Deno.env.get("TRUST_PROXY") || "0");
+if (!Number.isInteger(TRUST_PROXY) || TRUST_PROXY < 0) {
+  throw new Error(
+    `TRUST_PROXY must be a non-negative integer, got "${
+      Deno.env.get("TRUST_PROXY")
+    }"`,
+  );
+}
+
+/**
+ * The address a request came from: the connection's, or with `trustProxy` n > 0 the
+ * n-th `X-Forwarded-For` entry from the right (the one the nearest trusted proxy
+ * saw); a header with fewer entries than that did not come through the proxies, and
+ * counts as the connection.
+ */
+export function address(c: Context, trustProxy = TRUST_PROXY): string {
   // Deno.serve passes its ServeHandlerInfo as the env of `app.fetch`.
   const info = c.env as { remoteAddr?: { hostname?: string } } | undefined;
-  return info?.remoteAddr?.hostname ?? "unknown";
+  const connection = info?.remoteAddr?.hostname ?? "unknown";
+  if (trustProxy === 0) return connection;
+  const entries = (c.req.header("x-forwarded-for") ?? "").split(",")
+    .map((entry) => entry.trim()).filter((entry) => entry !== "");
+  return entries.length >= trustProxy
+    ? entries[entries.length - trustProxy]
+    : connection;
 }
 
 /** The bearer token of a request, as `auth.ts` reads it, or undefined. */
@@ -38,11 +65,20 @@ function bearerOf(c: Context): string | undefined {
  */
 export class RateLimiter {
   readonly limit: RateLimit;
+  /** The ceiling of one address over all its tokens. */
+  readonly perAddress: RateLimit;
+  readonly trustProxy: number;
   #buckets = new Map<string, Bucket>();
   #trusted = new Set<string>();
 
-  constructor(limit: RateLimit) {
+  constructor(
+    limit: RateLimit,
+    options: { perAddress?: RateLimit; trustProxy?: number } = {},
+  ) {
     this.limit = limit;
+    this.perAddress = options.perAddress ??
+      { per_second: limit.per_second * 10, burst: limit.burst * 10 };
+    this.trustProxy = options.trustProxy ?? TRUST_PROXY;
   }
 
   /** Marks a token as proven: from now on it counts as itself, not as its address. */
@@ -61,36 +97,63 @@ export class RateLimiter {
     }
     const token = bearerOf(c);
     const hash = token === undefined ? undefined : await hashToken(token);
-    const key = hash !== undefined && this.#trusted.has(hash)
+    const from = address(c, this.trustProxy);
+    // Making a room is charged to the address: new rooms mean new trusted tokens.
+    const makesRoom = c.req.method === "POST" && c.req.path === "/rooms";
+    const client = hash !== undefined && this.#trusted.has(hash) && !makesRoom
       ? `token ${hash}`
-      : `ip ${address(c)}`;
+      : `ip ${from}`;
     const now = Date.now();
-    const { per_second, burst } = this.limit;
-    const bucket = this.#buckets.get(key) ?? { tokens: burst, at: now };
-    bucket.tokens = Math.min(
-      burst,
-      bucket.tokens + (now - bucket.at) / 1000 * per_second,
-    );
-    bucket.at = now;
-    if (bucket.tokens < 1) {
-      const seconds = Math.max(1, Math.ceil((1 - bucket.tokens) / per_second));
+    const mine = this.#fill(client, this.limit, now);
+    const ceiling = this.#fill(`address ${from}`, this.perAddress, now);
+    for (
+      const [bucket, limit] of [[mine, this.limit], [
+        ceiling,
+        this.perAddress,
+      ]] as const
+    ) {
+      if (bucket.tokens >= 1) continue;
+      const seconds = Math.max(
+        1,
+        Math.ceil((1 - bucket.tokens) / limit.per_second),
+      );
       c.header("Retry-After", String(seconds));
       throw new ApiError(
         "rate_limited",
-        `Over ${per_second} requests per second (burst ${burst}); retry in ${seconds} s`,
+        bucket === mine
+          ? `Over ${limit.per_second} requests per second (burst ${limit.burst}); retry in ${seconds} s`
+          : `This address is over ${limit.per_second} requests per second over all its tokens (burst ${limit.burst}); retry in ${seconds} s`,
         { retry_after: seconds },
       );
     }
-    bucket.tokens -= 1;
-    this.#buckets.set(key, bucket);
-    if (this.#buckets.size > MAX_BUCKETS) {
-      // A bucket that would be full again holds nothing worth keeping.
-      for (const [k, b] of this.#buckets) {
-        if (b.tokens + (now - b.at) / 1000 * per_second >= burst) {
-          this.#buckets.delete(k);
-        }
-      }
-    }
+    mine.tokens -= 1;
+    ceiling.tokens -= 1;
+    if (this.#buckets.size > MAX_BUCKETS) this.#sweep(now);
     await next();
   };
+
+  /** The bucket of `key`, refilled for the time since it was last used. */
+  #fill(key: string, limit: RateLimit, now: number): Bucket {
+    const bucket = this.#buckets.get(key) ?? { tokens: limit.burst, at: now };
+    bucket.tokens = Math.min(
+      limit.burst,
+      bucket.tokens + (now - bucket.at) / 1000 * limit.per_second,
+    );
+    bucket.at = now;
+    this.#buckets.set(key, bucket);
+    return bucket;
+  }
+
+  /** Forgets the buckets that would be full again: they hold nothing worth keeping. */
+  #sweep(now: number): void {
+    for (const [key, bucket] of this.#buckets) {
+      const limit = key.startsWith("address ") ? this.perAddress : this.limit;
+      if (
+        bucket.tokens + (now - bucket.at) / 1000 * limit.per_second >=
+          limit.burst
+      ) {
+        this.#buckets.delete(key);
+      }
+    }
+  }
 }

@@ -105,9 +105,15 @@ const DATABASE_URL = Deno.env.get("DATABASE_URL") || "file:sync.db";
 const DATABASE_AUTH_TOKEN = Deno.env.get("DATABASE_AUTH_TOKEN") || undefined;
 const MAX_BODY_BYTES = envInt("MAX_BODY_BYTES", 256 * 1024);
 const RATE_LIMIT = envInt("RATE_LIMIT", 100);
+const RATE_BURST = envInt("RATE_BURST", 2 * RATE_LIMIT);
 const RATE: RateLimit | null = RATE_LIMIT === 0
   ? null
-  : { per_second: RATE_LIMIT, burst: envInt("RATE_BURST", 2 * RATE_LIMIT) };
+  : { per_second: RATE_LIMIT, burst: RATE_BURST };
+/** One address over all its tokens: ten clients' worth unless said otherwise. */
+const RATE_PER_ADDRESS: RateLimit = {
+  per_second: envInt("RATE_LIMIT_PER_ADDRESS", 10 * RATE_LIMIT),
+  burst: envInt("RATE_BURST_PER_ADDRESS", 10 * RATE_BURST),
+};
 
 /** Messages the viewer renders on first load; later ones arrive live. */
 const VIEWER_MESSAGES = 200;
@@ -122,6 +128,10 @@ export type AppOptions = {
   maxBodyBytes?: number;
   /** The per-client rate limit; null turns it off (default: RATE_LIMIT, RATE_BURST). */
   rateLimit?: RateLimit | null;
+  /** The ceiling of one address (default: RATE_LIMIT_PER_ADDRESS, or 10× the limit). */
+  addressLimit?: RateLimit;
+  /** Proxies before the service (default: TRUST_PROXY). */
+  trustProxy?: number;
   /** The server admin token (default: SYNC_ADMIN_TOKEN). */
   adminToken?: string;
 };
@@ -151,7 +161,13 @@ const viewerHeaders = secureHeaders({
 export function createApp(options: AppOptions) {
   const { db, shutdown, adminToken } = options;
   const limit = options.rateLimit === undefined ? RATE : options.rateLimit;
-  const limiter = limit ? new RateLimiter(limit) : undefined;
+  const limiter = limit
+    ? new RateLimiter(limit, {
+      perAddress: options.addressLimit ??
+        (options.rateLimit === undefined ? RATE_PER_ADDRESS : undefined),
+      trustProxy: options.trustProxy,
+    })
+    : undefined;
   /** Aborts when the client goes away or the process drains. */
   const ending = (c: Context) =>
     shutdown ? AbortSignal.any([c.req.raw.signal, shutdown]) : c.req.raw.signal;
@@ -309,6 +325,8 @@ export function createApp(options: AppOptions) {
       c.json({
         max_body_bytes: maxBodyBytes,
         rate_limit: limit,
+        rate_limit_per_address: limiter?.perAddress ?? null,
+        trust_proxy: limiter?.trustProxy ?? null,
         max_batch_operations: MAX_BATCH,
         max_wait_seconds: MAX_WAIT_SECONDS,
         max_json_depth: MAX_JSON_DEPTH,

@@ -193,6 +193,13 @@ export const getLimits = createRoute({
           per_second: z.number(),
           burst: z.number(),
         }).nullable(),
+        rate_limit_per_address: z.object({
+          per_second: z.number(),
+          burst: z.number(),
+        }).nullable(),
+        trust_proxy: z.number().int().nullable().describe(
+          "X-Forwarded-For entries trusted (null: no rate limit)",
+        ),
         max_batch_operations: z.number().int(),
         max_wait_seconds: z.number(),
         max_json_depth: z.number().int(),

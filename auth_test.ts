@@ -1398,6 +1398,58 @@ test(
 );
 
 test(
+  "one address holds at most its share of long-polls and streams: 429 too_many_waits, and a finished wait gives its place back",
+  async ({ db }) => {
+    const app = createApp({
+      db,
+      rateLimit: null,
+      maxWaits: { per_client: 10, per_address: 15 },
+    });
+    const call = callerOf(app, []);
+    const { room } = await createRoom(call, "w", {});
+    const a = await join(call, "w", { id: "a", name: "A" }, room);
+    const env = { remoteAddr: { hostname: "10.0.4.1" } };
+    // Fifteen anonymous waits from one address: ten are held, five refused at once.
+    const anonymous = Array.from(
+      { length: 15 },
+      () => call("GET", "/rooms/w/messages?wait=5", { env }),
+    );
+    await sleep(100);
+    // A token is a client of its own, within the address's ceiling of 15.
+    const withToken = Array.from(
+      { length: 7 },
+      () => call("GET", "/rooms/w/messages?wait=5", { env, token: a }),
+    );
+    await sleep(100);
+    const stream = await call("GET", "/rooms/w/stream", { env, token: a });
+    expectError(stream, 429, "too_many_waits");
+    expect(
+      await call("POST", "/rooms/w/messages", { body: { body: "go" } }),
+      201,
+    );
+    const statuses = async (replies: Promise<Reply>[]) =>
+      (await Promise.all(replies)).map((r) =>
+        `${r.status}${r.body.error ? " " + r.body.error : ""}`
+      ).sort();
+    assert.deepEqual(await statuses(anonymous), [
+      ...Array(10).fill("200"),
+      ...Array(5).fill("429 too_many_waits"),
+    ]);
+    assert.deepEqual(await statuses(withToken), [
+      ...Array(5).fill("200"),
+      ...Array(2).fill("429 too_many_waits"),
+    ]);
+    // Every place was given back: ten more waits from the address are held.
+    const again = Array.from(
+      { length: 10 },
+      () => call("GET", "/rooms/w/messages?after=1&wait=0.2", { env }),
+    );
+    assert.deepEqual(await statuses(again), Array(10).fill("200"));
+    await settled(db);
+  },
+);
+
+test(
   "GET /limits shows the rate limit and the body limit",
   async ({ call }) => {
     const body = expect(await call("GET", "/limits"), 200);

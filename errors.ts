@@ -81,6 +81,10 @@ export const ERRORS = {
   ],
   conflict: [409, "the write raced with another one; read and retry"],
   payload_too_large: [413, "the body is over `MAX_BODY_BYTES`"],
+  too_many_waits: [
+    429,
+    "this client (a token, else an address) or this address holds too many long-polls and streams at once (`MAX_WAITS_PER_CLIENT`, `MAX_WAITS_PER_ADDRESS`)",
+  ],
   rate_limited: [
     429,
     "too many requests from this token or address; wait `Retry-After` seconds",

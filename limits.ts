@@ -157,3 +157,64 @@ export class RateLimiter {
     }
   }
 }
+
+/** How many long-polls and streams one client, and one address, may hold at once. */
+export type WaitLimit = { per_client: number; per_address: number };
+
+/**
+ * Counts the requests held open (long-polls and streams) per client (a proven token,
+ * else the address) and per address over all its tokens; one more is 429
+ * `too_many_waits`: a client cannot hold the process's connections and memory.
+ */
+export class WaitCaps {
+  readonly limit: WaitLimit;
+  readonly trustProxy: number;
+  #held = new Map<string, number>();
+
+  constructor(limit: WaitLimit, trustProxy = TRUST_PROXY) {
+    this.limit = limit;
+    this.trustProxy = trustProxy;
+  }
+
+  /**
+   * Counts one more held request of `client` (null: the address is the client) from
+   * the request's address, or throws; the returned function gives it back, once.
+   */
+  hold(c: Context, client: string | null): () => void {
+    const from = `address ${address(c, this.trustProxy)}`;
+    const mine = client === null ? from : `client ${client}`;
+    const count = (key: string) => this.#held.get(key) ?? 0;
+    if (count(mine) >= this.limit.per_client && mine !== from) {
+      throw this.#refusal(`this token already holds ${this.limit.per_client}`);
+    }
+    const ceiling = client === null
+      ? Math.min(this.limit.per_client, this.limit.per_address)
+      : this.limit.per_address;
+    if (count(from) >= ceiling) {
+      throw this.#refusal(`this address already holds ${ceiling}`);
+    }
+    const keys = client === null ? [from] : [mine, from];
+    for (const key of keys) this.#held.set(key, count(key) + 1);
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      for (const key of keys) {
+        const left = count(key) - 1;
+        if (left > 0) this.#held.set(key, left);
+        else this.#held.delete(key);
+      }
+    };
+  }
+
+  #refusal(why: string): ApiError {
+    return new ApiError(
+      "too_many_waits",
+      `Too many long-polls and streams held at once: ${why}; end one, or poll without wait`,
+      {
+        max_waits_per_client: this.limit.per_client,
+        max_waits_per_address: this.limit.per_address,
+      },
+    );
+  }
+}

@@ -49,7 +49,12 @@ import {
   registerAgent,
 } from "./auth.ts";
 import { skill, usage } from "./docs.ts";
-import { type RateLimit, RateLimiter } from "./limits.ts";
+import {
+  type RateLimit,
+  RateLimiter,
+  WaitCaps,
+  type WaitLimit,
+} from "./limits.ts";
 import {
   agentNotFound,
   alreadyClaimed,
@@ -115,6 +120,12 @@ const RATE_PER_ADDRESS: RateLimit = {
   burst: envInt("RATE_BURST_PER_ADDRESS", 10 * RATE_BURST),
 };
 
+/** Long-polls and streams one client, and one address, may hold at once. */
+const MAX_WAITS: WaitLimit = {
+  per_client: envInt("MAX_WAITS_PER_CLIENT", 100),
+  per_address: envInt("MAX_WAITS_PER_ADDRESS", 1000),
+};
+
 /** Messages the viewer renders on first load; later ones arrive live. */
 const VIEWER_MESSAGES = 200;
 
@@ -132,6 +143,8 @@ export type AppOptions = {
   addressLimit?: RateLimit;
   /** Proxies before the service (default: TRUST_PROXY). */
   trustProxy?: number;
+  /** Held requests per client and per address (default: MAX_WAITS_PER_CLIENT, …). */
+  maxWaits?: WaitLimit;
   /** The server admin token (default: SYNC_ADMIN_TOKEN). */
   adminToken?: string;
 };
@@ -168,6 +181,17 @@ export function createApp(options: AppOptions) {
       trustProxy: options.trustProxy,
     })
     : undefined;
+  const waits = new WaitCaps(options.maxWaits ?? MAX_WAITS, options.trustProxy);
+  /** Counts a held request of the caller, or refuses it; answers how to let go. */
+  const hold = (c: Context, caller: Caller, room: string) =>
+    waits.hold(
+      c,
+      caller.kind === "anonymous"
+        ? null
+        : caller.kind === "admin"
+        ? "admin"
+        : `${caller.kind} ${room} ${caller.kind === "agent" ? caller.id : ""}`,
+    );
   /** Aborts when the client goes away or the process drains. */
   const ending = (c: Context) =>
     shutdown ? AbortSignal.any([c.req.raw.signal, shutdown]) : c.req.raw.signal;
@@ -326,6 +350,8 @@ export function createApp(options: AppOptions) {
         max_body_bytes: maxBodyBytes,
         rate_limit: limit,
         rate_limit_per_address: limiter?.perAddress ?? null,
+        max_waits_per_client: waits.limit.per_client,
+        max_waits_per_address: waits.limit.per_address,
         trust_proxy: limiter?.trustProxy ?? null,
         max_batch_operations: MAX_BATCH,
         max_wait_seconds: MAX_WAIT_SECONDS,
@@ -399,11 +425,13 @@ export function createApp(options: AppOptions) {
       if (c.req.method === "HEAD") {
         return c.body(null, 200, { "content-type": "text/event-stream" });
       }
+      const release = hold(c, c.var.caller, c.var.room.id);
       return streamRoom(c, db, c.var.room.id, {
         after,
         statuses: c.req.valid("query").status,
         stop: shutdown,
         verify: () => readable(c),
+        onEnd: release,
       });
     })
     // ---- agents ----
@@ -474,10 +502,12 @@ export function createApp(options: AppOptions) {
         thread: q.thread,
         statuses: statusesOf(q.status, q.unclaimed),
       };
+      const waiting = q.wait ? presenceOf(c.var.caller, q.agent) : undefined;
+      const release = q.wait ? hold(c, c.var.caller, roomId) : undefined;
       const messages = await whileWaiting(
         db,
         roomId,
-        q.wait ? presenceOf(c.var.caller, q.agent) : undefined,
+        waiting,
         () =>
           waitForMessages(
             db,
@@ -488,7 +518,7 @@ export function createApp(options: AppOptions) {
             q.wait ? ending(c) : undefined,
             () => readable(c),
           ),
-      );
+      ).finally(release);
       // Built by SQLite as JSON text (db.ts, listMessagesJson).
       return jsonText(c, messages.json);
     })
@@ -582,10 +612,12 @@ export function createApp(options: AppOptions) {
         return c.json(await listState(db, room.id, q.scope), 200);
       }
       const scope = q.scope ?? SHARED;
+      const waiting = wait ? presenceOf(c.var.caller, agent) : undefined;
+      const release = wait ? hold(c, c.var.caller, room.id) : undefined;
       const entry = await whileWaiting(
         db,
         room.id,
-        wait ? presenceOf(c.var.caller, agent) : undefined,
+        waiting,
         () =>
           waitForState(
             db,
@@ -597,7 +629,7 @@ export function createApp(options: AppOptions) {
             wait ? ending(c) : undefined,
             () => readable(c),
           ),
-      );
+      ).finally(release);
       if (!entry) {
         throw new ApiError(
           "key_not_found",

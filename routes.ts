@@ -197,6 +197,8 @@ export const getLimits = createRoute({
           per_second: z.number(),
           burst: z.number(),
         }).nullable(),
+        max_waits_per_client: z.number().int(),
+        max_waits_per_address: z.number().int(),
         trust_proxy: z.number().int().nullable().describe(
           "X-Forwarded-For entries trusted (null: no rate limit)",
         ),
@@ -343,7 +345,7 @@ export const streamRoom = createRoute({
   },
   responses: {
     200: text("text/event-stream", "The room's events"),
-    ...errors(...READ),
+    ...errors(...READ, "too_many_waits"),
   },
 });
 
@@ -417,7 +419,7 @@ export const listMessages = createRoute({
   request: { params: RoomParams, query: ListMessages },
   responses: {
     200: json(z.array(MessageOut), "`[message]`, ascending (or `order=desc`)"),
-    ...errors(...READ, "read_only", "identity_mismatch"),
+    ...errors(...READ, "read_only", "identity_mismatch", "too_many_waits"),
   },
 });
 
@@ -517,7 +519,13 @@ export const getState = createRoute({
   request: { params: RoomParams, query: GetState },
   responses: {
     200: json(z.union([EntryOut, z.array(EntryOut)]), "An entry or a list"),
-    ...errors(...READ, "key_not_found", "read_only", "identity_mismatch"),
+    ...errors(
+      ...READ,
+      "key_not_found",
+      "read_only",
+      "identity_mismatch",
+      "too_many_waits",
+    ),
   },
 });
 

@@ -69,7 +69,7 @@ const Key = WellFormed.min(1).max(512).regex(/^\P{Cc}*$/u, {
 }).meta({ pattern: "^\\P{Cc}*$" }); // zod would write the /u flag into the pattern
 
 /** A name or role: any text but U+0000, which SQLite and C clients would cut at. */
-const Name = WellFormed.min(1).max(256).regex(/^[^\u0000]*$/, {
+const Name = WellFormed.min(1).max(256).refine((s) => !s.includes("\0"), {
   error: "must not contain U+0000 (NUL)",
 });
 

@@ -473,9 +473,11 @@ export function streamRoom(
     statuses?: TaskStatus[];
     stop?: AbortSignal;
     verify?: () => Promise<void>;
+    /** Runs once the stream has ended. */
+    onEnd?: () => void;
   },
 ): Response {
-  const { after, statuses, stop, verify } = options;
+  const { after, statuses, stop, verify, onEnd } = options;
   c.header("X-Accel-Buffering", "no");
   return streamSSE(c, async (stream) => {
     const pending: Pending = {
@@ -632,6 +634,7 @@ export function streamRoom(
       clearInterval(keepalive);
       stop?.removeEventListener("abort", end);
       unsubscribe();
+      onEnd?.();
     }
   }, async (error, stream) => {
     console.error("stream:", error);

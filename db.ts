@@ -267,12 +267,31 @@ export async function getRoom(db: Db, id: string): Promise<Room | null> {
 }
 
 /** Every room, oldest first; locked ones only when asked for. */
-export async function listRooms(db: Db, withLocked: boolean): Promise<Room[]> {
-  const rows = await all(
-    db,
-    `SELECT ${ROOM_COLUMNS} FROM rooms ${withLocked ? "" : "WHERE locked = 0"}
-     ORDER BY created_at, rowid`,
-  );
+export async function listRooms(
+  db: Db,
+  withLocked: boolean,
+  page: { limit: number; after?: string },
+): Promise<Room[] | null> {
+  const where = withLocked ? [] : ["locked = 0"];
+  const args: InValue[] = [];
+  if (page.after !== undefined) {
+    // Creation order, ties in insertion order: the page goes on after that room
+    // (one this caller may list: a locked room is no cursor, as it is no room).
+    const [from] = await all(db, {
+      sql: `SELECT created_at, rowid AS seq FROM rooms WHERE id = ?
+            ${withLocked ? "" : "AND locked = 0"}`,
+      args: [page.after],
+    });
+    if (!from) return null;
+    where.push("(created_at, rowid) > (?, ?)");
+    args.push(from.created_at, from.seq);
+  }
+  const rows = await all(db, {
+    sql: `SELECT ${ROOM_COLUMNS} FROM rooms
+          ${where.length > 0 ? `WHERE ${where.join(" AND ")}` : ""}
+          ORDER BY created_at, rowid LIMIT ?`,
+    args: [...args, page.limit],
+  });
   return rows.map((row) => toRoom(row));
 }
 

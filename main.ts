@@ -384,7 +384,16 @@ export function createApp(options: AppOptions) {
         bearer(c.req.header("authorization")),
         adminToken,
       );
-      return c.json(await listRooms(db, admin), 200);
+      const { limit, after } = c.req.valid("query");
+      const rooms = await listRooms(db, admin, { limit: limit ?? 100, after });
+      if (rooms === null) {
+        throw new ApiError(
+          "invalid_request",
+          `Invalid query: parameter "after" names no room ("${after}"); page from the start`,
+          { field: "after" },
+        );
+      }
+      return c.json(rooms, 200);
     })
     .openapi(
       { ...routes.getRoom, middleware: [inRoom] },

@@ -1346,3 +1346,34 @@ test("every query the API makes is served by an index, with no sort step", async
     }
   }
 });
+
+test("GET /rooms pages in creation order: limit (default 100, at most 1000) and after=<room id>", async ({ call }) => {
+  for (let i = 0; i < 105; i++) {
+    assert.equal(
+      (await call("POST", "/rooms", { id: `p${String(i).padStart(3, "0")}` }))
+        .status,
+      201,
+    );
+  }
+  await call("POST", "/rooms", { id: "hidden", locked: true });
+  const ids = async (query: string) =>
+    ((await call("GET", `/rooms${query}`)).body as { id: string }[]).map((r) =>
+      r.id
+    );
+  const first = await ids("");
+  assert.equal(first.length, 100);
+  assert.equal(first[0], "p000");
+  const rest = await ids(`?after=${first.at(-1)}`);
+  assert.deepEqual(rest, ["p100", "p101", "p102", "p103", "p104"]);
+  assert.deepEqual(await ids("?limit=2&after=p101"), ["p102", "p103"]);
+  assert.deepEqual(await ids("?after=p104"), []);
+  // A locked room is no cursor for those who cannot list it, as an unknown id is not.
+  for (const after of ["hidden", "nope"]) {
+    const res = await call("GET", `/rooms?after=${after}`);
+    assert.equal(res.status, 400);
+    assert.equal((res.body as { field: string }).field, "after");
+  }
+  for (const bad of ["limit=0", "limit=1001", "limit=x", "after=a%20b"]) {
+    assert.equal((await call("GET", `/rooms?${bad}`)).status, 400, bad);
+  }
+});

@@ -25,6 +25,7 @@ import {
   IdempotencyKey,
   LastEventId,
   ListMessages,
+  ListRooms,
   MessageOut,
   NewRoomOut,
   PathMessageId,
@@ -281,10 +282,12 @@ export const listRooms = createRoute({
   method: "get",
   path: "/rooms",
   operationId: "listRooms",
-  summary: "Open rooms (all rooms for the server admin token)",
+  summary:
+    "Open rooms (all rooms for the server admin token), oldest first, a page at a time",
+  request: { query: ListRooms },
   responses: {
     200: json(z.array(RoomOut), "`[room]`"),
-    ...errors("invalid_token"),
+    ...errors(...INPUT, "invalid_token"),
   },
 });
 

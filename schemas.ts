@@ -322,6 +322,16 @@ export const GetState = z.strictObject({
 });
 export type GetState = z.infer<typeof GetState>;
 
+/** The most rooms one page of `GET /rooms` answers. */
+export const MAX_ROOMS_PER_PAGE = 1000;
+
+export const ListRooms = z.strictObject({
+  limit: count(1, MAX_ROOMS_PER_PAGE).optional().describe("Default 100"),
+  after: Id.optional().describe(
+    "The last room of the page before: rooms made after it, in creation order",
+  ),
+});
+
 export const GetContext = z.strictObject({
   messages: count(0, MAX_MESSAGES_PER_READ).optional(),
   status: Statuses.optional(),

@@ -114,6 +114,9 @@ export function startService(
   return startServer(name, ["task", "start"], {
     DATABASE_URL: `file:${dbFile}`,
     RATE_LIMIT: "0",
+    // The benchmark holds thousands of waits from one address on purpose.
+    MAX_WAITS_PER_CLIENT: "1000000",
+    MAX_WAITS_PER_ADDRESS: "1000000",
   });
 }
 
@@ -138,7 +141,12 @@ export function startParallel(dbFile: string): Promise<Server> {
     "--port",
     String(port),
     "main.ts",
-  ], { DATABASE_URL: `file:${dbFile}`, RATE_LIMIT: "0" });
+  ], {
+    DATABASE_URL: `file:${dbFile}`,
+    RATE_LIMIT: "0",
+    MAX_WAITS_PER_CLIENT: "1000000",
+    MAX_WAITS_PER_ADDRESS: "1000000",
+  });
 }
 
 /** The bare Hono app (bench/bare.ts) on the same runtime. */

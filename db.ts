@@ -636,6 +636,11 @@ export type MessageFilter = {
   thread?: number;
   /** Only messages in these task statuses. */
   statuses?: TaskStatus[];
+  /**
+   * The most bytes the page's JSON array may take: it ends early, always with at
+   * least one message, and the cursor continues it.
+   */
+  maxBytes?: number;
 };
 
 /** The WHERE clause and arguments that select a filter's messages. */
@@ -690,7 +695,16 @@ export async function listMessages(
 ): Promise<Message[]> {
   const now = Date.now();
   const rows = await all(db, messageQuery(roomId, filter, now));
-  return rows.map((row) => toMessage(row, now));
+  const messages = rows.map((row) => toMessage(row, now));
+  if (filter.maxBytes === undefined) return messages;
+  // As the SQL of `listMessagesJson` counts: each message's JSON and its comma.
+  const encoder = new TextEncoder();
+  let bytes = 1;
+  const fits = messages.findIndex((message, i) => {
+    bytes += encoder.encode(JSON.stringify(message)).length + 1;
+    return i > 0 && bytes > filter.maxBytes!;
+  });
+  return fits === -1 ? messages : messages.slice(0, fits);
 }
 
 /** A page of messages as the JSON text of the array `listMessages` would answer. */
@@ -749,7 +763,26 @@ export async function listMessagesJson(
           FROM (${page.sql})`,
     args: [...messageJsonArgs(now), ...page.args],
   });
-  return { count: Number(row.count), json: String(row.json), now };
+  const json = String(row.json);
+  // Three bytes a UTF-16 unit at most: a page this short is under the cap for sure.
+  if (filter.maxBytes === undefined || json.length * 3 <= filter.maxBytes) {
+    return { count: Number(row.count), json, now };
+  }
+  // Read again, cut where the bytes run out (each message's JSON and its comma).
+  const [capped] = await all(db, {
+    sql: `SELECT count(*) AS count,
+            coalesce('[' || group_concat(j, ',') || ']', '[]') AS json
+          FROM (
+            SELECT j, row_number() OVER w AS n,
+              sum(length(CAST(j AS BLOB)) + 1) OVER w AS bytes
+            FROM (SELECT ${MESSAGE_JSON} AS j, id FROM (${page.sql}))
+            WINDOW w AS (ORDER BY id ${filter.order === "desc" ? "DESC" : "ASC"}
+              ROWS UNBOUNDED PRECEDING)
+          )
+          WHERE n = 1 OR bytes + 1 <= ?`,
+    args: [...messageJsonArgs(now), ...page.args, filter.maxBytes],
+  });
+  return { count: Number(capped.count), json: String(capped.json), now };
 }
 
 /**
@@ -761,10 +794,11 @@ export async function recentMessages(
   roomId: string,
   limit: number,
   statuses?: TaskStatus[],
+  maxBytes?: number,
 ): Promise<{ items: Message[]; total: number }> {
   const now = Date.now();
   const [items, count] = await Promise.all([
-    listMessages(db, roomId, { limit, order: "desc", statuses }),
+    listMessages(db, roomId, { limit, order: "desc", statuses, maxBytes }),
     all(
       db,
       statuses === undefined

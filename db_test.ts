@@ -213,6 +213,9 @@ Deno.test("a page built by SQLite is byte for byte the JSON of listMessages", as
       { limit: 50, order: "asc", statuses: ["held"] },
       { limit: 50, order: "asc", statuses: ["done", "dead"] },
       { limit: 50, order: "asc", statuses: [] },
+      { limit: 1000, order: "asc", after: 0, maxBytes: 4000 },
+      { limit: 1000, order: "desc", maxBytes: 2500 },
+      { limit: 1000, order: "asc", after: 0, maxBytes: 1 },
       { limit: 50, order: "asc", thread: 5 },
       { limit: 50, order: "asc", after: 10_000 },
     ];

@@ -109,6 +109,8 @@ export function envInt(name: string, fallback: number): number {
 const DATABASE_URL = Deno.env.get("DATABASE_URL") || "file:sync.db";
 const DATABASE_AUTH_TOKEN = Deno.env.get("DATABASE_AUTH_TOKEN") || undefined;
 const MAX_BODY_BYTES = envInt("MAX_BODY_BYTES", 256 * 1024);
+/** The most bytes a page of messages (a read, context, the viewer's first load) takes. */
+const MAX_RESPONSE_BYTES = envInt("MAX_RESPONSE_BYTES", 4 * 1024 * 1024);
 const RATE_LIMIT = envInt("RATE_LIMIT", 100);
 const RATE_BURST = envInt("RATE_BURST", 2 * RATE_LIMIT);
 const RATE: RateLimit | null = RATE_LIMIT === 0
@@ -145,6 +147,8 @@ export type AppOptions = {
   trustProxy?: number;
   /** Held requests per client and per address (default: MAX_WAITS_PER_CLIENT, …). */
   maxWaits?: WaitLimit;
+  /** The byte cap of a page of messages (default: MAX_RESPONSE_BYTES). */
+  maxResponseBytes?: number;
   /** The server admin token (default: SYNC_ADMIN_TOKEN). */
   adminToken?: string;
 };
@@ -196,6 +200,7 @@ export function createApp(options: AppOptions) {
   const ending = (c: Context) =>
     shutdown ? AbortSignal.any([c.req.raw.signal, shutdown]) : c.req.raw.signal;
   const maxBodyBytes = options.maxBodyBytes ?? MAX_BODY_BYTES;
+  const maxResponseBytes = options.maxResponseBytes ?? MAX_RESPONSE_BYTES;
 
   /**
    * Loads the room named in the path into `c.var.room` (or answers 404), and who the
@@ -305,7 +310,13 @@ export function createApp(options: AppOptions) {
         if (room.locked) return c.html(RoomPage({ room, nonce }));
         const [agents, messages, state] = await Promise.all([
           listAgents(db, room.id),
-          recentMessages(db, room.id, VIEWER_MESSAGES),
+          recentMessages(
+            db,
+            room.id,
+            VIEWER_MESSAGES,
+            undefined,
+            maxResponseBytes,
+          ),
           listState(db, room.id),
         ]);
         return c.html(
@@ -357,6 +368,7 @@ export function createApp(options: AppOptions) {
         max_wait_seconds: MAX_WAIT_SECONDS,
         max_json_depth: MAX_JSON_DEPTH,
         max_messages_per_read: MAX_MESSAGES_PER_READ,
+        max_response_bytes: maxResponseBytes,
         idempotency_ttl_seconds: IDEMPOTENCY_TTL_MS / 1000,
       }, 200))
     // ---- rooms ----
@@ -413,6 +425,7 @@ export function createApp(options: AppOptions) {
           room.id,
           c.req.valid("query").messages ?? 50,
           c.req.valid("query").status,
+          maxResponseBytes,
         ),
       ]);
       const next_after = messages.items.at(-1)?.id ??
@@ -510,6 +523,7 @@ export function createApp(options: AppOptions) {
         for: q.for,
         thread: q.thread,
         statuses: statusesOf(q.status, q.unclaimed),
+        maxBytes: maxResponseBytes,
       };
       const waiting = q.wait ? presenceOf(c.var.caller, q.agent) : undefined;
       const release = q.wait ? hold(c, c.var.caller, roomId) : undefined;

@@ -1377,3 +1377,43 @@ test("GET /rooms pages in creation order: limit (default 100, at most 1000) and 
     assert.equal((await call("GET", `/rooms?${bad}`)).status, 400, bad);
   }
 });
+
+test("a page of messages stops at the byte cap, with at least one message, and the cursor continues it", async ({ db }) => {
+  const call = caller(
+    createApp({ db, rateLimit: null, maxResponseBytes: 1500 }),
+  );
+  await call("POST", "/rooms", { id: "r" });
+  const big = "é".repeat(150); // 300 bytes of UTF-8 in each body
+  for (let i = 0; i < 10; i++) {
+    await call("POST", "/rooms/r/messages", { body: { i, big } });
+  }
+  await call("POST", "/rooms/r/messages", { body: "x".repeat(3000) });
+  const seen: number[] = [];
+  let after = 0;
+  for (let page = 0; page < 20; page++) {
+    const res = await call("GET", `/rooms/r/messages?after=${after}`);
+    const text = JSON.stringify(res.body);
+    const messages = res.body as { id: number }[];
+    if (messages.length === 0) break;
+    // Over the cap only when one message alone is bigger than it.
+    assert.ok(
+      new TextEncoder().encode(text).length <= 1500 || messages.length === 1,
+      `${messages.length} messages, ${text.length} characters`,
+    );
+    seen.push(...messages.map((m) => m.id));
+    after = messages.at(-1)!.id;
+  }
+  assert.deepEqual(seen, Array.from({ length: 11 }, (_, i) => i + 1));
+  // Context and the newest-first page keep the newest that fit.
+  const context = await call("GET", "/rooms/r/context?messages=50");
+  const items = (context.body as {
+    messages: { items: { id: number }[]; total: number; next_after: number };
+  }).messages;
+  assert.deepEqual(items.items.map((m) => m.id), [11]);
+  assert.equal(items.total, 11);
+  assert.equal(items.next_after, 11);
+  const limits = (await call("GET", "/limits")).body as {
+    max_response_bytes: number;
+  };
+  assert.equal(limits.max_response_bytes, 1500);
+});

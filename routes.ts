@@ -207,6 +207,7 @@ export const getLimits = createRoute({
         max_wait_seconds: z.number(),
         max_json_depth: z.number().int(),
         max_messages_per_read: z.number().int(),
+        max_response_bytes: z.number().int(),
         idempotency_ttl_seconds: z.number(),
       }),
       "The limits",

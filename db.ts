@@ -56,6 +56,8 @@ export type RoomRecord = {
   room: Room;
   token_hash: string | null;
   view_token_hash: string | null;
+  /** The highest message id retention dropped from the room (0: none). */
+  dropped_through: number;
 };
 
 /** What an agent says it is doing; `waiting` is set by the server during a wait. */
@@ -249,8 +251,8 @@ export async function createRoom(
 /** One room with its token hashes, or null. */
 export async function findRoom(db: Db, id: string): Promise<RoomRecord | null> {
   const [row] = await all(db, {
-    sql:
-      `SELECT ${ROOM_COLUMNS}, token_hash, view_token_hash FROM rooms WHERE id = ?`,
+    sql: `SELECT ${ROOM_COLUMNS}, token_hash, view_token_hash, dropped_through
+       FROM rooms WHERE id = ?`,
     args: [id],
   });
   if (!row) return null;
@@ -258,6 +260,7 @@ export async function findRoom(db: Db, id: string): Promise<RoomRecord | null> {
     room: toRoom(row),
     token_hash: textOrNull(row.token_hash),
     view_token_hash: textOrNull(row.view_token_hash),
+    dropped_through: Number(row.dropped_through),
   };
 }
 
@@ -1589,4 +1592,60 @@ export async function getIdempotent(
       ? null
       : { status: Number(row.status), response: json(row.response) },
   };
+}
+
+// ---- retention ----
+
+/**
+ * Drops the messages past what is kept: all but the newest `keep` of each room, and
+ * those older than `before` (ms); each room remembers the highest id it dropped. One
+ * transaction per rule. Answers how many messages were dropped.
+ */
+export async function dropMessages(
+  db: Db,
+  rule: { keep?: number; before?: number },
+): Promise<number> {
+  const doomed = rule.keep !== undefined
+    ? `SELECT room_id, id FROM (
+         SELECT room_id, id,
+           row_number() OVER (PARTITION BY room_id ORDER BY id DESC) AS newer
+         FROM messages)
+       WHERE newer > ${Number(rule.keep)}`
+    : `SELECT room_id, id FROM messages WHERE created_at < ${
+      Number(rule.before)
+    }`;
+  const results = await (await db.client()).batch([
+    `UPDATE rooms SET dropped_through = max(dropped_through, (
+       SELECT max(d.id) FROM (${doomed}) AS d WHERE d.room_id = rooms.id))
+     WHERE id IN (SELECT room_id FROM (${doomed}))`,
+    `DELETE FROM messages WHERE id IN (SELECT id FROM (${doomed}))`,
+  ], "write");
+  return Number(results[1].rowsAffected);
+}
+
+/**
+ * The rooms with no activity (a message, a state write, an agent seen, or the room's
+ * making) since `before` (ms): retention deletes them.
+ */
+export async function idleRooms(db: Db, before: number): Promise<string[]> {
+  const rows = await all(db, {
+    sql: `SELECT id FROM rooms WHERE created_at < :before
+          AND NOT EXISTS (SELECT 1 FROM messages
+            WHERE room_id = rooms.id AND created_at >= :before)
+          AND NOT EXISTS (SELECT 1 FROM state
+            WHERE room_id = rooms.id AND updated_at >= :before)
+          AND NOT EXISTS (SELECT 1 FROM agents
+            WHERE room_id = rooms.id AND last_seen >= :before)`,
+    args: { before },
+  });
+  return rows.map((row) => String(row.id));
+}
+
+/** The oldest message id a room still holds (0: none). */
+export async function earliestId(db: Db, roomId: string): Promise<number> {
+  const [row] = await all(db, {
+    sql: "SELECT min(id) AS id FROM messages WHERE room_id = ?",
+    args: [roomId],
+  });
+  return Number(row?.id ?? 0);
 }

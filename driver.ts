@@ -32,6 +32,9 @@ export const MIGRATIONS: string[][] = [
     "ALTER TABLE messages ADD COLUMN done_by TEXT",
     "UPDATE messages SET attempts = 1 WHERE claimed_by IS NOT NULL",
   ],
+  // 3: retention. The highest message id retention has dropped from a room: a
+  // cursor below it has missed messages (410 cursor_expired).
+  ["ALTER TABLE rooms ADD COLUMN dropped_through INTEGER NOT NULL DEFAULT 0"],
 ];
 
 /** Busy timeout for local files: a writer waits this long for another one (ms). */

@@ -85,6 +85,10 @@ export const ERRORS = {
     429,
     "this client (a token, else an address) or this address holds too many long-polls and streams at once (`MAX_WAITS_PER_CLIENT`, `MAX_WAITS_PER_ADDRESS`)",
   ],
+  cursor_expired: [
+    410,
+    "messages after this cursor were dropped by retention: read from `earliest_id` (`after=0` for the oldest kept)",
+  ],
   rate_limited: [
     429,
     "too many requests from this token or address; wait `Retry-After` seconds",

@@ -15,6 +15,7 @@ import {
   completeMessage,
   createRoom,
   deleteRoom,
+  earliestId,
   findRoom,
   getRoom,
   IDEMPOTENCY_TTL_MS,
@@ -86,6 +87,7 @@ import {
 } from "./schemas.ts";
 import * as routes from "./routes.ts";
 import { once } from "./idempotency.ts";
+import { type Retention, sweeper } from "./retention.ts";
 import { handleMcp } from "./mcp.ts";
 import { openapi } from "./openapi.ts";
 import { Landing, MissingRoom, RoomPage } from "./view.tsx";
@@ -122,6 +124,12 @@ const RATE_PER_ADDRESS: RateLimit = {
   burst: envInt("RATE_BURST_PER_ADDRESS", 10 * RATE_BURST),
 };
 
+/** What retention keeps (0: everything). */
+const RETAIN: Retention = {
+  messages: envInt("RETAIN_MESSAGES", 0),
+  days: envInt("RETAIN_DAYS", 0),
+};
+
 /** Long-polls and streams one client, and one address, may hold at once. */
 const MAX_WAITS: WaitLimit = {
   per_client: envInt("MAX_WAITS_PER_CLIENT", 100),
@@ -149,11 +157,20 @@ export type AppOptions = {
   maxWaits?: WaitLimit;
   /** The byte cap of a page of messages (default: MAX_RESPONSE_BYTES). */
   maxResponseBytes?: number;
+  /** What retention keeps (default: RETAIN_MESSAGES, RETAIN_DAYS). */
+  retain?: Retention;
   /** The server admin token (default: SYNC_ADMIN_TOKEN). */
   adminToken?: string;
 };
 
-type RoomEnv = { Variables: { room: Room; caller: Caller } };
+type RoomEnv = {
+  Variables: {
+    room: Room;
+    caller: Caller;
+    /** The highest message id retention dropped from the room (0: none). */
+    dropped: number;
+  };
+};
 
 /**
  * The viewer's headers: its one inline script runs by nonce, nothing else may; no
@@ -201,6 +218,21 @@ export function createApp(options: AppOptions) {
     shutdown ? AbortSignal.any([c.req.raw.signal, shutdown]) : c.req.raw.signal;
   const maxBodyBytes = options.maxBodyBytes ?? MAX_BODY_BYTES;
   const maxResponseBytes = options.maxResponseBytes ?? MAX_RESPONSE_BYTES;
+  const retain = options.retain ?? RETAIN;
+  const startSweeping = sweeper(db, retain);
+  /**
+   * 410 when retention dropped messages this cursor has not seen (after > 0 below the
+   * highest id dropped): never a silent jump over them.
+   */
+  const unexpired = async (c: Context<RoomEnv>, after: number | undefined) => {
+    if (!after || after >= c.var.dropped) return;
+    const earliest = await earliestId(db, c.var.room.id);
+    throw new ApiError(
+      "cursor_expired",
+      `Messages after ${after} up to ${c.var.dropped} were dropped by retention; read from ${earliest} on`,
+      { earliest_id: earliest, dropped_through: c.var.dropped },
+    );
+  };
 
   /**
    * Loads the room named in the path into `c.var.room` (or answers 404), and who the
@@ -208,9 +240,13 @@ export function createApp(options: AppOptions) {
    */
   const inRoom = createMiddleware<RoomEnv>(async (c, next) => {
     const id = parse(Id, c.req.param("id"), "room id");
-    const { room, caller } = await admit(id, c.req.header("authorization"));
+    const { room, caller, dropped } = await admit(
+      id,
+      c.req.header("authorization"),
+    );
     c.set("room", room);
     c.set("caller", caller);
+    c.set("dropped", dropped);
     await next();
   });
 
@@ -234,7 +270,7 @@ export function createApp(options: AppOptions) {
     const caller = await identify(db, found, token, adminToken);
     mayRead(found.room, caller);
     if (token !== undefined) await limiter?.trust(token);
-    return { room: found.room, caller };
+    return { room: found.room, caller, dropped: found.dropped_through };
   }
   /** After `inRoom`: checks that the caller may write in the room. */
   const writer = createMiddleware<RoomEnv>(async (c, next) => {
@@ -282,6 +318,11 @@ export function createApp(options: AppOptions) {
       exposeHeaders: ["Retry-After", "Idempotent-Replayed"],
     }))
     .use(limiter ? limiter.middleware : (_c, next) => next())
+    // Retention sweeps from the first request on (importing the app starts nothing).
+    .use((_c, next) => {
+      startSweeping();
+      return next();
+    })
     .use(bodyLimit({
       maxSize: maxBodyBytes,
       onError: (c) =>
@@ -369,6 +410,8 @@ export function createApp(options: AppOptions) {
         max_json_depth: MAX_JSON_DEPTH,
         max_messages_per_read: MAX_MESSAGES_PER_READ,
         max_response_bytes: maxResponseBytes,
+        retain_messages: retain.messages || null,
+        retain_days: retain.days || null,
         idempotency_ttl_seconds: IDEMPOTENCY_TTL_MS / 1000,
       }, 200))
     // ---- rooms ----
@@ -437,7 +480,7 @@ export function createApp(options: AppOptions) {
         messages: { ...messages, next_after },
       }, 200);
     })
-    .openapi({ ...routes.streamRoom, middleware: [inRoom] }, (c) => {
+    .openapi({ ...routes.streamRoom, middleware: [inRoom] }, async (c) => {
       const resume = c.req.header("last-event-id");
       const after = resume === undefined
         ? c.req.valid("query").after ?? 0
@@ -447,6 +490,7 @@ export function createApp(options: AppOptions) {
       if (c.req.method === "HEAD") {
         return c.body(null, 200, { "content-type": "text/event-stream" });
       }
+      await unexpired(c, after);
       const release = hold(c, c.var.caller, c.var.room.id);
       return streamRoom(c, db, c.var.room.id, {
         after,
@@ -525,6 +569,7 @@ export function createApp(options: AppOptions) {
         statuses: statusesOf(q.status, q.unclaimed),
         maxBytes: maxResponseBytes,
       };
+      await unexpired(c, q.after);
       const waiting = q.wait ? presenceOf(c.var.caller, q.agent) : undefined;
       const release = q.wait ? hold(c, c.var.caller, roomId) : undefined;
       const messages = await whileWaiting(

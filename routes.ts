@@ -208,6 +208,12 @@ export const getLimits = createRoute({
         max_json_depth: z.number().int(),
         max_messages_per_read: z.number().int(),
         max_response_bytes: z.number().int(),
+        retain_messages: z.number().int().nullable().describe(
+          "Messages kept per room (null: all)",
+        ),
+        retain_days: z.number().int().nullable().describe(
+          "Days of messages kept, and of inactivity before a room is deleted (null: forever)",
+        ),
         idempotency_ttl_seconds: z.number(),
       }),
       "The limits",
@@ -349,7 +355,7 @@ export const streamRoom = createRoute({
   },
   responses: {
     200: text("text/event-stream", "The room's events"),
-    ...errors(...READ, "too_many_waits"),
+    ...errors(...READ, "too_many_waits", "cursor_expired"),
   },
 });
 
@@ -423,7 +429,13 @@ export const listMessages = createRoute({
   request: { params: RoomParams, query: ListMessages },
   responses: {
     200: json(z.array(MessageOut), "`[message]`, ascending (or `order=desc`)"),
-    ...errors(...READ, "read_only", "identity_mismatch", "too_many_waits"),
+    ...errors(
+      ...READ,
+      "read_only",
+      "identity_mismatch",
+      "too_many_waits",
+      "cursor_expired",
+    ),
   },
 });
 

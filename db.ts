@@ -1615,9 +1615,9 @@ export async function dropMessages(
       Number(rule.before)
     }`;
   const results = await (await db.client()).batch([
-    `UPDATE rooms SET dropped_through = max(dropped_through, (
-       SELECT max(d.id) FROM (${doomed}) AS d WHERE d.room_id = rooms.id))
-     WHERE id IN (SELECT room_id FROM (${doomed}))`,
+    `UPDATE rooms SET dropped_through = max(dropped_through, d.top)
+     FROM (SELECT room_id, max(id) AS top FROM (${doomed}) GROUP BY room_id) AS d
+     WHERE d.room_id = rooms.id`,
     `DELETE FROM messages WHERE id IN (SELECT id FROM (${doomed}))`,
   ], "write");
   return Number(results[1].rowsAffected);

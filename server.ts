@@ -31,7 +31,15 @@ type Fetch = (
   info: Deno.ServeHandlerInfo,
 ) => Response | Promise<Response>;
 
-/** Serves `fetch` on `hostname:port` until a signal drains and stops it. */
+/** How long the process waits to listen again after running out of descriptors (ms). */
+const RELISTEN_MS = 1_000;
+
+/**
+ * Serves `fetch` on `hostname:port` until a signal drains and stops it. When clients
+ * hold every file descriptor, Deno's accept loop fails ("Too many open files") and
+ * closes the listener: the process does not exit but listens again on the same port a
+ * second later, and serves as soon as descriptors are free (stress_test.ts).
+ */
 export function serve(
   fetch: Fetch,
   options: { db: Db; port: number; hostname: string; onDrain?: () => void },
@@ -40,15 +48,13 @@ export function serve(
   let draining = false;
   let lastRequest = 0;
   const drained = Promise.withResolvers<void>();
+  let port = options.port;
+  let listened = false;
 
-  const server = Deno.serve({
-    port: options.port,
-    hostname: options.hostname,
-    onListen: ({ hostname, port }) =>
-      console.log(
-        `sync listening on http://${hostname}:${port} (pid ${Deno.pid})`,
-      ),
-  }, async (request, info) => {
+  const handler = async (
+    request: Request,
+    info: Deno.ServeHandlerInfo,
+  ): Promise<Response> => {
     lastRequest = performance.now();
     if (draining) {
       return Response.json(
@@ -71,6 +77,44 @@ export function serve(
     } finally {
       if (--inFlight === 0 && draining) drained.resolve();
     }
+  };
+
+  const listen = () =>
+    Deno.serve({
+      port,
+      hostname: options.hostname,
+      onListen: (addr) => {
+        // Port 0 picks one: listening again must take the same.
+        port = addr.port;
+        console.log(
+          `sync listening ${
+            listened ? "again " : ""
+          }on http://${addr.hostname}:${addr.port} (pid ${Deno.pid})`,
+        );
+        listened = true;
+      },
+    }, handler);
+  let server = listen();
+  let outOfFiles = false;
+  globalThis.addEventListener("unhandledrejection", (event) => {
+    if (!String(event.reason).includes("Too many open files")) return;
+    event.preventDefault();
+    if (outOfFiles || draining) return;
+    outOfFiles = true;
+    console.error(
+      `sync: out of file descriptors: listening again in ${
+        RELISTEN_MS / 1000
+      } s`,
+    );
+    const retry = () => {
+      try {
+        server = listen();
+        outOfFiles = false;
+      } catch {
+        setTimeout(retry, RELISTEN_MS);
+      }
+    };
+    setTimeout(retry, RELISTEN_MS);
   });
 
   // Deno's server.shutdown() cuts request bodies still being read, so the drain waits

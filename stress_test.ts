@@ -1150,3 +1150,55 @@ Deno.test("a keyed post whose answer could not be stored is not wedged: the retr
     }
   });
 });
+
+Deno.test("clients holding every file descriptor do not kill the process: it listens again and serves once they let go", async () => {
+  await withTempDir(async (dir) => {
+    const server = await startServer(
+      { DATABASE_URL: `file:${dir}/sync.db`, RATE_LIMIT: "0" },
+      ["task", "start"],
+      256,
+    );
+    const { port } = new URL(server.url);
+    const held: Deno.Conn[] = [];
+    try {
+      // Half-sent requests until the server stops accepting (bounded: 400).
+      for (let i = 0; i < 400; i++) {
+        try {
+          const conn = await Deno.connect({
+            hostname: "127.0.0.1",
+            port: Number(port),
+          });
+          await conn.write(
+            new TextEncoder().encode("GET /healthz HTTP/1.1\r\nHost: x\r\n"),
+          );
+          held.push(conn);
+        } catch {
+          break;
+        }
+      }
+      await sleep(500);
+      assert.match(server.output(), /out of file descriptors/);
+      for (const conn of held.splice(0)) conn.close();
+      // The process lives on, and serves again within a few seconds.
+      const started = performance.now();
+      let status = 0;
+      while (performance.now() - started < 5000 && status !== 200) {
+        try {
+          status = (await fetch(`${server.url}/healthz`)).status;
+        } catch {
+          await sleep(100);
+        }
+      }
+      assert.equal(status, 200, server.output());
+      assert.doesNotMatch(server.output(), /Uncaught/);
+      console.log(
+        `out of descriptors: served again ${
+          Math.round(performance.now() - started)
+        } ms after the clients let go`,
+      );
+    } finally {
+      for (const conn of held) conn.close();
+      await server.stop("SIGKILL");
+    }
+  });
+});

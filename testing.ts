@@ -51,9 +51,19 @@ export type Server = {
 export async function startServer(
   env: Record<string, string>,
   args = ["task", "start"],
+  /** The open-file limit to run it under (`ulimit -n`), if any. */
+  fileLimit?: number,
 ): Promise<Server> {
-  const child = new Deno.Command(Deno.execPath(), {
-    args,
+  const child = new Deno.Command(fileLimit ? "sh" : Deno.execPath(), {
+    args: fileLimit
+      ? [
+        "-c",
+        `ulimit -n ${fileLimit} && exec "$@"`,
+        "sh",
+        Deno.execPath(),
+        ...args,
+      ]
+      : args,
     cwd: ROOT,
     env: { PORT: "0", HOST: "127.0.0.1", NO_COLOR: "1", ...env },
     stdout: "piped",

@@ -81,6 +81,10 @@ export const ERRORS = {
   ],
   conflict: [409, "the write raced with another one; read and retry"],
   payload_too_large: [413, "the body is over `MAX_BODY_BYTES`"],
+  request_timeout: [
+    408,
+    "the request body did not arrive within `STALL_TIMEOUT_SECONDS`; the connection is closed",
+  ],
   too_many_waits: [
     429,
     "this client (a token, else an address) or this address holds too many long-polls and streams at once (`MAX_WAITS_PER_CLIENT`, `MAX_WAITS_PER_ADDRESS`)",
@@ -100,6 +104,10 @@ export const ERRORS = {
   database_unavailable: [
     503,
     "the database does not answer (remote server unreachable, disk full); retry after `Retry-After`",
+  ],
+  over_capacity: [
+    503,
+    "the process holds `MAX_CONNECTIONS` connections, every one busy; retry (`Retry-After`)",
   ],
   shutting_down: [
     503,
@@ -198,7 +206,11 @@ export function roomNotFound(id: string): ApiError {
  * service, logged and answered without details.
  */
 export const onError: ErrorHandler = (error, c) => {
-  if (error instanceof ApiError) return errorResponse(c, error);
+  if (error instanceof ApiError) {
+    // The rest of a stalled body is not worth waiting for.
+    if (error.code === "request_timeout") c.header("Connection", "close");
+    return errorResponse(c, error);
+  }
   if (
     error instanceof LibsqlError && error.code.startsWith("SQLITE_CONSTRAINT")
   ) {

@@ -74,6 +74,7 @@ import {
   roomNotFound,
 } from "./errors.ts";
 import {
+  bodyWithin,
   Id,
   jsonBody,
   MAX_BATCH,
@@ -87,6 +88,7 @@ import {
 } from "./schemas.ts";
 import * as routes from "./routes.ts";
 import { once } from "./idempotency.ts";
+import { serving } from "./listener.ts";
 import { type Retention, sweeper } from "./retention.ts";
 import { handleMcp } from "./mcp.ts";
 import { openapi } from "./openapi.ts";
@@ -136,6 +138,12 @@ const MAX_WAITS: WaitLimit = {
   per_address: envInt("MAX_WAITS_PER_ADDRESS", 1000),
 };
 
+/**
+ * Seconds a request's headers (server.ts) or body may take before the connection is
+ * closed.
+ */
+export const STALL_TIMEOUT_SECONDS = envInt("STALL_TIMEOUT_SECONDS", 10);
+
 /** Messages the viewer renders on first load; later ones arrive live. */
 const VIEWER_MESSAGES = 200;
 
@@ -161,6 +169,8 @@ export type AppOptions = {
   retain?: Retention;
   /** The server admin token (default: SYNC_ADMIN_TOKEN). */
   adminToken?: string;
+  /** Milliseconds a request body may take to arrive (default: STALL_TIMEOUT_SECONDS). */
+  stallMs?: number;
 };
 
 type RoomEnv = {
@@ -217,6 +227,7 @@ export function createApp(options: AppOptions) {
   const ending = (c: Context) =>
     shutdown ? AbortSignal.any([c.req.raw.signal, shutdown]) : c.req.raw.signal;
   const maxBodyBytes = options.maxBodyBytes ?? MAX_BODY_BYTES;
+  const stallMs = options.stallMs ?? STALL_TIMEOUT_SECONDS * 1000;
   const maxResponseBytes = options.maxResponseBytes ?? MAX_RESPONSE_BYTES;
   const retain = options.retain ?? RETAIN;
   const startSweeping = sweeper(db, retain);
@@ -285,8 +296,8 @@ export function createApp(options: AppOptions) {
   };
 
   /** `/mcp`: each tool call is a REST request to this app, made in-process. */
-  const mcp = (c: Context) =>
-    handleMcp(c.req.raw, async (request) =>
+  const mcp = async (c: Context) =>
+    handleMcp(c.req.raw, await c.req.text(), async (request) =>
       // The /mcp request was counted by the rate limit already; its tool calls are not.
       await app.fetch(request, {
         ...(c.env as object | undefined),
@@ -323,6 +334,7 @@ export function createApp(options: AppOptions) {
       startSweeping();
       return next();
     })
+    .use(bodyWithin(stallMs, maxBodyBytes))
     .use(bodyLimit({
       maxSize: maxBodyBytes,
       onError: (c) =>
@@ -400,6 +412,8 @@ export function createApp(options: AppOptions) {
     .openapi(routes.getLimits, (c) =>
       c.json({
         max_body_bytes: maxBodyBytes,
+        max_connections: serving.maxConnections,
+        stall_timeout_seconds: stallMs / 1000,
         rate_limit: limit,
         rate_limit_per_address: limiter?.perAddress ?? null,
         max_waits_per_client: waits.limit.per_client,

@@ -24,7 +24,7 @@ type Api = { app: ReturnType<typeof createApp>; db: Db; call: Call };
 function test(
   name: string,
   fn: (api: Api) => Promise<void>,
-  options: { maxBodyBytes?: number } = {},
+  options: { maxBodyBytes?: number; stallMs?: number } = {},
 ) {
   Deno.test(name, async () => {
     const { db, close } = await freshDb();
@@ -1417,3 +1417,37 @@ test("a page of messages stops at the byte cap, with at least one message, and t
   };
   assert.equal(limits.max_response_bytes, 1500);
 });
+
+test(
+  "a body that has not arrived within the stall timeout is 408 request_timeout, and nothing is written",
+  async ({ app, call }) => {
+    assert.equal((await call("POST", "/rooms", { id: "r" })).status, 201);
+    // A body that sends its first bytes and then nothing.
+    const body = new ReadableStream<Uint8Array>({
+      start(controller) {
+        controller.enqueue(new TextEncoder().encode('{"body":'));
+      },
+    });
+    const started = performance.now();
+    const res = await app.request("/rooms/r/messages", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body,
+      duplex: "half",
+    } as RequestInit);
+    assert.equal(res.status, 408);
+    assert.equal(res.headers.get("connection"), "close");
+    const error = await res.json();
+    assert.equal(error.error, "request_timeout");
+    assert.ok(performance.now() - started < 2000);
+    assert.deepEqual((await call("GET", "/rooms/r/messages")).body, []);
+    // Served in-process, no listener of this process holds connections.
+    const limits = (await call("GET", "/limits")).body as Record<
+      string,
+      unknown
+    >;
+    assert.equal(limits.max_connections, null);
+    assert.equal(limits.stall_timeout_seconds, 0.2);
+  },
+  { stallMs: 200 },
+);

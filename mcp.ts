@@ -446,6 +446,8 @@ function server(rest: Rest, origin: string): Server {
  */
 export async function handleMcp(
   request: Request,
+  /** The request's body, read already (bodyWithin). */
+  text: string,
   fetch: Fetch,
 ): Promise<Response> {
   const base = new URL(request.url).origin;
@@ -479,7 +481,7 @@ export async function handleMcp(
   }
   // One call per request: a JSON-RPC batch would run many tool calls on one request's
   // share of the rate limit.
-  if ((await request.clone().text()).trimStart().startsWith("[")) {
+  if (text.trimStart().startsWith("[")) {
     return refuse(
       "invalid_request",
       "Send one JSON-RPC message per request; batches are not accepted",
@@ -505,5 +507,8 @@ export async function handleMcp(
     enableJsonResponse: true,
   });
   await server(rest, base).connect(transport);
-  return transport.handleRequest(request);
+  const { url, method, headers, signal } = request;
+  return transport.handleRequest(
+    new Request(url, { method, headers, signal, body: text }),
+  );
 }

@@ -66,12 +66,15 @@ function body<T extends z.ZodType>(schema: T) {
 }
 
 /**
- * What every route may answer: over the rate limit, a body over the size limit (any
- * request with a body is refused before routing), or a database or process away.
+ * What every route may answer: over the rate limit, a body over the size limit or too
+ * slow (any request with a body is refused before routing), no connection free, or a
+ * database or process away.
  */
 const ALWAYS: ErrorCode[] = [
   "rate_limited",
   "payload_too_large",
+  "request_timeout",
+  "over_capacity",
   "database_busy",
   "database_unavailable",
   "shutting_down",
@@ -190,6 +193,12 @@ export const getLimits = createRoute({
     200: json(
       z.object({
         max_body_bytes: z.number().int(),
+        max_connections: z.number().int().nullable().describe(
+          "Connections served at once (null: the host's server holds them, not this process)",
+        ),
+        stall_timeout_seconds: z.number().describe(
+          "Seconds a request's headers or body may take before its connection is closed",
+        ),
         rate_limit: z.object({
           per_second: z.number(),
           burst: z.number(),

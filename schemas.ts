@@ -434,6 +434,64 @@ export const ErrorOut = z.object({
 
 // ---- validators ----
 
+/**
+ * A request's body must arrive within `ms`, or the answer is 408 `request_timeout`
+ * and the connection is closed: a body sent a byte at a time would otherwise hold its
+ * request, and a connection, for as long as it likes. Runs before the size limit: a
+ * body of declared length (up to `maxBytes`; a longer one is the size limit's 413) is
+ * read here, and Hono keeps the text for the route; one of unknown length is timed
+ * while the size limit reads it.
+ */
+export function bodyWithin(ms: number, maxBytes: number): MiddlewareHandler {
+  return async (c, next) => {
+    const raw = c.req.raw;
+    if (raw.body === null) return next();
+    const length = raw.headers.get("content-length");
+    if (length === null || raw.headers.has("transfer-encoding")) {
+      c.req.raw = new Request(raw, {
+        body: raw.body.pipeThrough(deadline(ms)),
+        duplex: "half",
+      } as RequestInit);
+      return next();
+    }
+    if (Number(length) <= maxBytes) {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const late = new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(timedOut(ms)), ms);
+      });
+      try {
+        await Promise.race([c.req.text(), late]);
+      } finally {
+        clearTimeout(timer);
+      }
+    }
+    return next();
+  };
+}
+
+/** A stream that passes bytes through until `ms` have passed, then fails. */
+function deadline(ms: number): TransformStream<Uint8Array, Uint8Array> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  return new TransformStream({
+    start(controller) {
+      timer = setTimeout(() => controller.error(timedOut(ms)), ms);
+    },
+    flush() {
+      clearTimeout(timer);
+    },
+    cancel() {
+      clearTimeout(timer);
+    },
+  });
+}
+
+function timedOut(ms: number): ApiError {
+  return new ApiError(
+    "request_timeout",
+    `The request body did not arrive within ${ms / 1000} s`,
+  );
+}
+
 /** How deep a JSON body may nest. */
 export const MAX_JSON_DEPTH = 64;
 
@@ -444,13 +502,16 @@ export const MAX_JSON_DEPTH = 64;
  * `{}`; nesting deeper than `MAX_JSON_DEPTH` is refused before zod recurses into it.
  */
 export const jsonBody: MiddlewareHandler = async (c, next) => {
+  // Read first (often read already, bodyWithin): a used request cannot be copied
+  // with its body.
+  const text = await c.req.text();
   const type = c.req.header("content-type");
   if (type === undefined || !/^application\/json\s*(;|$)/i.test(type)) {
     const headers = new Headers(c.req.raw.headers);
     headers.set("content-type", "application/json");
-    c.req.raw = new Request(c.req.raw, { headers });
+    const { url, method, signal } = c.req.raw;
+    c.req.raw = new Request(url, { method, headers, signal });
   }
-  const text = await c.req.text();
   let value: unknown = {};
   if (text.trim() !== "") {
     try {

@@ -5,10 +5,16 @@
  */
 import { CannotOpen, type Db, shown } from "./driver.ts";
 import { ApiError, errorBody, originOf } from "./errors.ts";
-import { app, db, drain, envInt } from "./main.ts";
+import { listen, type Listening } from "./listener.ts";
+import { app, db, drain, envInt, STALL_TIMEOUT_SECONDS } from "./main.ts";
 
 const PORT = envInt("PORT", 8000);
 const HOST = Deno.env.get("HOST") || "0.0.0.0";
+/**
+ * Connections served at once, fewer if the open-file limit is lower (listener.ts); 0:
+ * no cap, for a proxy in front that caps them.
+ */
+const MAX_CONNECTIONS = envInt("MAX_CONNECTIONS", 10_000);
 
 /** How long a drain waits for requests in flight before exiting anyway. */
 const DRAIN_TIMEOUT_MS = 10_000;
@@ -31,25 +37,25 @@ type Fetch = (
   info: Deno.ServeHandlerInfo,
 ) => Response | Promise<Response>;
 
-/** How long the process waits to listen again after running out of descriptors (ms). */
-const RELISTEN_MS = 1_000;
-
 /**
- * Serves `fetch` on `hostname:port` until a signal drains and stops it. When clients
- * hold every file descriptor, Deno's accept loop fails ("Too many open files") and
- * closes the listener: the process does not exit but listens again on the same port a
- * second later, and serves as soon as descriptors are free (stress_test.ts).
+ * Serves `fetch` on `hostname:port` (listener.ts: capped connections, stalled ones
+ * closed, accept errors survived) until a signal drains and stops it.
  */
 export function serve(
   fetch: Fetch,
-  options: { db: Db; port: number; hostname: string; onDrain?: () => void },
-): Deno.HttpServer {
+  options: {
+    db: Db;
+    port: number;
+    hostname: string;
+    maxConnections: number;
+    stallMs: number;
+    onDrain?: () => void;
+  },
+): Listening {
   let inFlight = 0;
   let draining = false;
   let lastRequest = 0;
   const drained = Promise.withResolvers<void>();
-  let port = options.port;
-  let listened = false;
 
   const handler = async (
     request: Request,
@@ -79,43 +85,16 @@ export function serve(
     }
   };
 
-  const listen = () =>
-    Deno.serve({
-      port,
-      hostname: options.hostname,
-      onListen: (addr) => {
-        // Port 0 picks one: listening again must take the same.
-        port = addr.port;
-        console.log(
-          `sync listening ${
-            listened ? "again " : ""
-          }on http://${addr.hostname}:${addr.port} (pid ${Deno.pid})`,
-        );
-        listened = true;
-      },
-    }, handler);
-  let server = listen();
-  let outOfFiles = false;
-  globalThis.addEventListener("unhandledrejection", (event) => {
-    if (!String(event.reason).includes("Too many open files")) return;
-    event.preventDefault();
-    if (outOfFiles || draining) return;
-    outOfFiles = true;
-    console.error(
-      `sync: out of file descriptors: listening again in ${
-        RELISTEN_MS / 1000
-      } s`,
-    );
-    const retry = () => {
-      try {
-        server = listen();
-        outOfFiles = false;
-      } catch {
-        setTimeout(retry, RELISTEN_MS);
-      }
-    };
-    setTimeout(retry, RELISTEN_MS);
-  });
+  const server = listen({
+    port: options.port,
+    hostname: options.hostname,
+    maxConnections: options.maxConnections,
+    stallMs: options.stallMs,
+    onListen: (addr) =>
+      console.log(
+        `sync listening on http://${addr.hostname}:${addr.port} (pid ${Deno.pid})`,
+      ),
+  }, handler);
 
   // Deno's server.shutdown() cuts request bodies still being read, so the drain waits
   // for the handlers first (server_test.ts, "SIGTERM lets an in-flight request finish").
@@ -171,5 +150,12 @@ if (import.meta.main) {
     }
     Deno.exit(1);
   }
-  serve(app.fetch, { db, port: PORT, hostname: HOST, onDrain: drain });
+  serve(app.fetch, {
+    db,
+    port: PORT,
+    hostname: HOST,
+    maxConnections: MAX_CONNECTIONS,
+    stallMs: STALL_TIMEOUT_SECONDS * 1000,
+    onDrain: drain,
+  });
 }

@@ -41,6 +41,8 @@ const CROSS_WAKE_ROOMS = 25;
 const FANOUT_SUBSCRIBERS = 1000;
 const FANOUT_ROUNDS = QUICK ? 5 : 10;
 const HELD_WAITERS = 5000;
+/** SSE streams held open at once in the memory case. */
+const HELD_STREAMS = 1000;
 /**
  * Sides compared for a target run in turn, one second at a time, this many times each,
  * so that all of them see the same drift in the machine's load.
@@ -1012,6 +1014,16 @@ async function caseHeldWaiters(main: string) {
     "≤ 150 MB",
     service.held <= 150 && answered === HELD_WAITERS,
   );
+  const perWaiter = (held: Held) =>
+    (held.held - held.idle) * 1024 / HELD_WAITERS;
+  addRow(
+    `memory per held long-poll (vs bare Hono)`,
+    `${number(perWaiter(service), 1)} KB`,
+    `${number(perWaiter(bare), 1)} KB`,
+    times(perWaiter(service) / perWaiter(bare)),
+    "≤ 1.25×",
+    perWaiter(service) <= 1.25 * perWaiter(bare),
+  );
   addRow(
     `RSS before the long-polls (vs bare Hono)`,
     `${number(service.idle, 1)} MB`,
@@ -1023,6 +1035,85 @@ async function caseHeldWaiters(main: string) {
     ms(service.releaseMs),
     ms(bare.releaseMs),
     times(service.releaseMs / bare.releaseMs),
+  );
+}
+
+/**
+ * HELD_STREAMS SSE streams on room "held" of `server`, each on its own connection,
+ * held until every one has had its `ready` event; answers the RSS (MB) before and
+ * while they are held.
+ */
+async function holdStreams(
+  server: Server,
+): Promise<{ idle: number; held: number }> {
+  const after = await lastId(server.url, "held");
+  await sleep(1000);
+  const idle = rssMb(server.pid);
+  const clients: RawGet[] = [];
+  try {
+    await inParallel(
+      Array.from({ length: HELD_STREAMS }, (_, i) => i),
+      100,
+      async () => {
+        const ready = Promise.withResolvers<void>();
+        let buffer = "";
+        clients.push(
+          await RawGet.open(
+            server.url,
+            `/rooms/held/stream?after=${after}`,
+            (text) => {
+              buffer += text;
+              if (buffer.includes("event: ready")) ready.resolve();
+            },
+          ),
+        );
+        const timeout = setTimeout(
+          () => ready.reject(new Error("a stream got no ready event")),
+          30_000,
+        );
+        await ready.promise.finally(() => clearTimeout(timeout));
+      },
+    );
+    await sleep(2000);
+    let held = 0;
+    for (let i = 0; i < 5; i++) {
+      held = Math.max(held, rssMb(server.pid));
+      await sleep(200);
+    }
+    return { idle, held };
+  } finally {
+    for (const client of clients) client.close();
+    await Promise.all(clients.map((client) => client.closed));
+  }
+}
+
+/** Memory per held SSE stream, on fresh processes. */
+async function caseHeldStreams(main: string) {
+  progress(`memory with ${HELD_STREAMS} held streams`);
+  const bareServer = await startBare();
+  let bare: { idle: number; held: number };
+  try {
+    bare = await holdStreams(bareServer);
+  } finally {
+    await bareServer.stop();
+  }
+  const server = await startService(main, "service (streams)");
+  let service: { idle: number; held: number };
+  try {
+    await call(server.url, "POST", "/rooms", { id: "held" });
+    service = await holdStreams(server);
+  } finally {
+    await server.stop();
+  }
+  const per = (held: { idle: number; held: number }) =>
+    (held.held - held.idle) * 1024 / HELD_STREAMS;
+  addRow(
+    `memory per held SSE stream, ${HELD_STREAMS} held (vs bare Hono)`,
+    `${number(per(service), 1)} KB`,
+    `${number(per(bare), 1)} KB`,
+    times(per(service) / per(bare)),
+    "≤ 30 KB",
+    per(service) <= 30,
   );
 }
 
@@ -1194,6 +1285,7 @@ async function main(): Promise<void> {
     );
     await Promise.all([service.stop(), bare.stop()]);
     await attempt("held long-polls", () => caseHeldWaiters(dbs.main));
+    await attempt("held streams", () => caseHeldStreams(dbs.main));
     await attempt("10k vs 1M", () => caseScale(dbs));
   } finally {
     Deno.removeSignalListener("SIGINT", onSignal);

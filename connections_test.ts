@@ -36,6 +36,20 @@ async function untilClosed(conn: Deno.Conn, started = performance.now()) {
   return { text, ms: performance.now() - started };
 }
 
+/** Waits until `server` answers `/healthz` with 200, for at most `ms`. */
+async function servesWithin(server: Server, ms: number): Promise<void> {
+  const started = performance.now();
+  let status = 0;
+  while (performance.now() - started < ms && status !== 200) {
+    try {
+      status = (await fetch(`${server.url}/healthz`)).status;
+    } catch {
+      await sleep(100);
+    }
+  }
+  assert.equal(status, 200, server.output());
+}
+
 /** Serves with a temporary database and `env`, then stops. */
 async function serving(
   env: Record<string, string>,
@@ -176,15 +190,7 @@ Deno.test("1,300 half-sent connections under ulimit -n 1024: the process stays u
         }
       }
       const started = performance.now();
-      let status = 0;
-      while (performance.now() - started < 5000 && status !== 200) {
-        try {
-          status = (await fetch(`${server.url}/healthz`)).status;
-        } catch {
-          await sleep(100);
-        }
-      }
-      assert.equal(status, 200, server.output());
+      await servesWithin(server, 5000);
       assert.match(
         server.output(),
         /out of file descriptors at \d+ connections: serving at most \d+/,
@@ -228,16 +234,7 @@ Deno.test("with no cap (MAX_CONNECTIONS=0, plain Deno.serve), clients holding ev
       await sleep(500);
       assert.match(server.output(), /out of file descriptors/);
       for (const conn of held.splice(0)) conn.close();
-      const started = performance.now();
-      let status = 0;
-      while (performance.now() - started < 5000 && status !== 200) {
-        try {
-          status = (await fetch(`${server.url}/healthz`)).status;
-        } catch {
-          await sleep(100);
-        }
-      }
-      assert.equal(status, 200, server.output());
+      await servesWithin(server, 5000);
       assert.doesNotMatch(server.output(), /Uncaught/);
     } finally {
       for (const conn of held) conn.close();

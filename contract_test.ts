@@ -1089,6 +1089,16 @@ type Case = {
   text?: string;
 };
 
+/** The smallest export: a room and nothing in it. */
+const EXPORT = JSON.stringify({
+  type: "room",
+  format: 1,
+  id: "x",
+  created_at: "2026-01-01T00:00:00.000Z",
+  meta: {},
+  locked: false,
+});
+
 /** One good and one bad request (at least) per operation, by operationId. */
 function table(w: World): Record<string, { good: Case[]; bad: Case[] }> {
   const [m1, m2] = w.messages.open;
@@ -1479,11 +1489,46 @@ function table(w: World): Record<string, { good: Case[]; bad: Case[] }> {
           status: 200,
           url: "/rooms/open/state?key=k&after_version=0&wait=0.05",
         },
+        { status: 200, url: `/rooms/open/state?at=${m2}` },
       ],
       bad: [
         { status: 400, url: "/rooms/open/state?wait=0.01" },
         { status: 400, url: "/rooms/open/state?key=a%01b" },
+        { status: 400, url: `/rooms/open/state?key=k&at=${m2}&wait=1` },
         { status: 404, url: "/rooms/open/state?key=absent" },
+        { status: 404, url: "/rooms/open/state?at=999999" },
+      ],
+    },
+    exportRoom: {
+      good: [
+        { status: 200, url: "/rooms/open/export" },
+        { status: 200, url: "/rooms/locked/export", auth: "locked view" },
+      ],
+      bad: [
+        { status: 401, url: "/rooms/locked/export" },
+        { status: 404, url: "/rooms/absent/export" },
+      ],
+    },
+    importRoom: {
+      good: [{ status: 201, url: "/rooms/import?id=imported", text: EXPORT }],
+      bad: [
+        { status: 400, url: "/rooms/import?id=imported2", text: "nope" },
+        { status: 400, url: "/rooms/import?id=a%20b", text: EXPORT },
+        { status: 409, url: "/rooms/import?id=open", text: EXPORT },
+      ],
+    },
+    getStateHistory: {
+      good: [
+        { status: 200, url: "/rooms/open/state/history?key=k" },
+        {
+          status: 200,
+          url: "/rooms/open/state/history?key=k&after_version=1&limit=5",
+        },
+      ],
+      bad: [
+        { status: 400, url: "/rooms/open/state/history" },
+        { status: 400, url: "/rooms/open/state/history?key=k&limit=0" },
+        { status: 404, url: "/rooms/absent/state/history?key=k" },
       ],
     },
     deleteState: {

@@ -6,57 +6,21 @@
  */
 import assert from "node:assert/strict";
 import { type Agent, type Message, type StateEntry } from "./db.ts";
-import { Db } from "./driver.ts";
 import { notifierOf } from "./waiting.ts";
-import { createApp } from "./main.ts";
 import {
   agent,
+  type Api,
+  appTest,
   type Call,
-  caller,
-  freshDb,
+  entry,
   message,
   type Reply,
   times,
 } from "./testing.ts";
 
-type App = ReturnType<typeof createApp>;
-type Api = { app: App; db: Db; call: Call };
-
-/**
- * A test with its own app on a fresh database (`:memory:`, or behind the Hrana test
- * server with `SYNC_TEST_DATABASE=remote`), with room "r" created.
- */
+/** A test with its own app on a fresh database, with room "r" created. */
 function test(name: string, fn: (api: Api) => Promise<void>) {
-  Deno.test(name, async () => {
-    const { db, close } = await freshDb();
-    const app = createApp({ db, rateLimit: null });
-    try {
-      const call = caller(app);
-      assert.equal((await call("POST", "/rooms", { id: "r" })).status, 201);
-      await fn({ app, db, call });
-    } finally {
-      await close();
-    }
-  });
-}
-
-/** A state entry of room "r" as `times()` leaves it. */
-function entry(
-  key: string,
-  value: unknown,
-  version: number,
-  more: Record<string, unknown> = {},
-) {
-  return {
-    room_id: "r",
-    scope: "_shared",
-    key,
-    value,
-    version,
-    updated_at: "<time>",
-    expires_at: null,
-    ...more,
-  };
+  appTest(name, fn, { room: "r" });
 }
 
 /** The `times()` shape of an error with these details. */
@@ -596,7 +560,7 @@ test("an entry with ttl shows expires_at while live, then reads as absent", asyn
   }
 });
 
-test("if_version 0 takes over an expired entry, starting again at version 1", async ({ call }) => {
+test("if_version 0 takes over an expired entry; its expiry is a version, and the new entry the next", async ({ call }) => {
   await put(call, { key: "lock", value: "a", ttl: 0.1, if_version: 0 });
   const renewed = await put(call, {
     key: "lock",
@@ -619,7 +583,8 @@ test("if_version 0 takes over an expired entry, starting again at version 1", as
     if_version: 0,
   });
   assert.equal(taken.status, 200);
-  assert.deepEqual(times(taken.body), entry("lock", "b", 1));
+  // 1, 2, the expiry 3, then 4.
+  assert.deepEqual(times(taken.body), entry("lock", "b", 4));
 });
 
 test("a write without ttl clears the expiry", async ({ call }) => {
@@ -656,17 +621,18 @@ test("an expired entry is absent to if_version, increment, merge and DELETE", as
   );
   const plainDelete = await call("DELETE", "/rooms/r/state", { key: "del" });
   assert.deepEqual(plainDelete.body, { deleted: false });
+  // Each was version 1, its expiry 2; the write is 3.
   assert.deepEqual(
     times(await put(call, { key: "n", increment: 1 })),
-    entry("n", 1, 1),
+    entry("n", 1, 3),
   );
   assert.deepEqual(
     times(await put(call, { key: "m", value: { new: 1 }, merge: true })),
-    entry("m", { new: 1 }, 1),
+    entry("m", { new: 1 }, 3),
   );
   assert.deepEqual(
     times(await put(call, { key: "plain", value: "x" })),
-    entry("plain", "x", 1),
+    entry("plain", "x", 3),
   );
 });
 
@@ -829,13 +795,14 @@ test("writes in one batch see each other, in order", async ({ call }) => {
       entry("m", { p: 1, q: 2 }, 2),
       entry("d", 1, 1),
       { room_id: "r", scope: "_shared", key: "d", deleted: true },
-      entry("d", "again", 1),
+      // The delete was version 2.
+      entry("d", "again", 3),
     ],
     messages: [],
   });
   assert.deepEqual(times((await call("GET", "/rooms/r/state")).body), [
     entry("a", "y", 3),
-    entry("d", "again", 1),
+    entry("d", "again", 3),
     entry("m", { p: 1, q: 2 }, 2),
     entry("n", 5, 2),
   ]);

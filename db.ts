@@ -111,6 +111,8 @@ export type StateEntry = {
   version: number;
   updated_at: string;
   expires_at: string | null;
+  /** The agent that wrote this version, when the writer was known. */
+  updated_by: string | null;
 };
 
 /** Seconds to whole milliseconds, at least 1, so a tiny TTL or lease is not already over. */
@@ -202,6 +204,7 @@ function toStateEntry(row: Row): StateEntry {
     version: Number(row.version),
     updated_at: iso(row.updated_at),
     expires_at: isoOrNull(row.expires_at),
+    updated_by: textOrNull(row.updated_by),
   };
 }
 
@@ -304,6 +307,7 @@ export async function deleteRoom(db: Db, id: string): Promise<boolean> {
     [
       "DELETE FROM idempotency WHERE room_id = ?",
       "DELETE FROM state WHERE room_id = ?",
+      "DELETE FROM state_versions WHERE room_id = ?",
       "DELETE FROM messages WHERE room_id = ?",
       "DELETE FROM agents WHERE room_id = ?",
       "DELETE FROM rooms WHERE id = ?",
@@ -1028,9 +1032,12 @@ export async function changedClaims(
 // ---- state ----
 
 const STATE_COLUMNS =
-  "room_id, scope, key, value, version, updated_at, expires_at";
+  "room_id, scope, key, value, version, updated_at, expires_at, updated_by";
 
-/** A live entry: one whose TTL has not run out. */
+/**
+ * A live entry: one whose TTL has not run out. A deleted key is a tombstone that
+ * expired when it was deleted, so it is never live either.
+ */
 const LIVE = "(expires_at IS NULL OR expires_at > :now)";
 const EXPIRED = "(state.expires_at IS NOT NULL AND state.expires_at <= :now)";
 const NUMERIC = "json_type(state.value) IN ('integer', 'real')";
@@ -1084,6 +1091,108 @@ export async function listState(
   return rows.map(toStateEntry);
 }
 
+// ---- history ----
+
+/** One version of a key (`GET /rooms/:id/state/history`). */
+export type StateVersion = {
+  version: number;
+  value: unknown;
+  deleted: boolean;
+  updated_by: string | null;
+  updated_at: string;
+  expires_at: string | null;
+  /** The newest message id of the room when this version was written (0: none). */
+  after_message: number;
+};
+
+/**
+ * The versions of one key after `after` (a version), oldest first. An entry whose TTL
+ * ran out, not written since, ends with its expiry: a deleted version by no one.
+ */
+export async function stateHistory(
+  db: Db,
+  roomId: string,
+  scope: string,
+  key: string,
+  page: { after: number; limit: number },
+): Promise<StateVersion[]> {
+  const args = { room: roomId, scope, key, after: page.after };
+  const [rows, [expiry]] = await Promise.all([
+    all(db, {
+      sql:
+        `SELECT version, value, updated_by, updated_at, expires_at, after_message
+            FROM state_versions
+            WHERE room_id = :room AND scope = :scope AND key = :key
+              AND version > :after
+            ORDER BY version LIMIT :limit`,
+      args: { ...args, limit: page.limit },
+    }),
+    all(db, {
+      sql: `SELECT version + 1 AS version, NULL AS value, NULL AS updated_by,
+              expires_at AS updated_at, NULL AS expires_at,
+              coalesce((SELECT max(id) FROM messages m WHERE m.room_id = state.room_id
+                AND m.created_at <= state.expires_at), 0) AS after_message
+            FROM state
+            WHERE room_id = :room AND scope = :scope AND key = :key
+              AND NOT deleted AND ${EXPIRED} AND version + 1 > :after`,
+      args: { ...args, now: Date.now() },
+    }),
+  ]);
+  if (expiry && rows.length < page.limit) rows.push(expiry);
+  return rows.map((row) => ({
+    version: Number(row.version),
+    value: row.value === null ? null : json(row.value),
+    deleted: row.value === null,
+    updated_by: textOrNull(row.updated_by),
+    updated_at: iso(row.updated_at),
+    expires_at: isoOrNull(row.expires_at),
+    after_message: Number(row.after_message),
+  }));
+}
+
+/**
+ * The live entries as they were right after message `at` of the room was posted (of
+ * one scope, or one key): for each key its last version written before that message,
+ * unless that version deleted it or its TTL had run out by then. Null when the room
+ * has no such message.
+ */
+export async function stateAt(
+  db: Db,
+  roomId: string,
+  at: number,
+  where: { scope?: string; key?: string } = {},
+): Promise<StateEntry[] | null> {
+  const [posted] = await all(db, {
+    sql: "SELECT created_at FROM messages WHERE room_id = ? AND id = ?",
+    args: [roomId, at],
+  });
+  if (!posted) return null;
+  const filters = [
+    where.scope === undefined ? "" : "AND v.scope = :scope",
+    where.key === undefined ? "" : "AND v.key = :key",
+  ].join(" ");
+  const rows = await all(db, {
+    sql: `SELECT v.room_id, v.scope, v.key, v.value, v.version, v.updated_at,
+            v.expires_at, v.updated_by
+          FROM state_versions v
+          WHERE v.room_id = :room AND v.after_message < :at ${filters}
+            AND v.version = (SELECT max(w.version) FROM state_versions w
+              WHERE w.room_id = v.room_id AND w.scope = v.scope AND w.key = v.key
+                AND w.after_message < :at)
+            AND v.value IS NOT NULL
+            AND (v.expires_at IS NULL OR v.expires_at > :posted)
+          ORDER BY v.scope, v.key`,
+    args: {
+      room: roomId,
+      at,
+      posted: Number(posted.created_at),
+      ...(where.scope === undefined ? {} : { scope: where.scope }),
+      ...(where.key === undefined ? {} : { key: where.key }),
+    },
+  });
+  return rows.map(toStateEntry);
+}
+
 /**
  * One write to a key. Exactly one of `value` or `increment` for a write; `merge` applies
  * `value` as an RFC 7386 merge patch; `delete` removes the key. `if_version` makes it
@@ -1092,6 +1201,8 @@ export async function listState(
 export type StateWrite = {
   scope: string;
   key: string;
+  /** The agent writing, when known (`updated_by`). */
+  by?: string | null;
   value?: unknown;
   increment?: number;
   merge?: boolean;
@@ -1124,27 +1235,30 @@ function stateStatement(
   op: StateWrite,
   now: number,
 ): { stmt: InStatement; conditional: boolean } {
-  const args = { room: roomId, scope: op.scope, key: op.key, now };
+  const args = {
+    room: roomId,
+    scope: op.scope,
+    key: op.key,
+    now,
+    by: op.by ?? null,
+  };
   const pk = "room_id = :room AND scope = :scope AND key = :key";
   if (op.delete) {
     if (op.if_version === 0) {
-      // "Only if absent": an expired entry is absent, so it is cleared; a live one refuses.
+      // "Only if absent": nothing to delete; a live entry refuses (checked after).
       return {
-        stmt: {
-          sql:
-            `DELETE FROM state WHERE ${pk} AND ${EXPIRED} RETURNING 0 AS live`,
-          args,
-        },
+        stmt: { sql: "SELECT 0 AS live WHERE 0", args: {} },
         conditional: false,
       };
     }
+    // A tombstone: the next version, deleted, expired now (see schema.sql).
     return {
       stmt: {
-        sql: `DELETE FROM state WHERE ${pk}${
-          op.if_version === undefined
-            ? ""
-            : ` AND version = :if_version AND NOT ${EXPIRED}`
-        } RETURNING NOT ${EXPIRED} AS live`,
+        sql: `UPDATE state SET version = version + 1, deleted = 1,
+                updated_at = :now, expires_at = :now, updated_by = :by
+              WHERE ${pk} AND NOT ${EXPIRED}${
+          op.if_version === undefined ? "" : " AND version = :if_version"
+        } RETURNING 1 AS live`,
         args: op.if_version === undefined
           ? args
           : { ...args, if_version: op.if_version },
@@ -1182,7 +1296,7 @@ function stateStatement(
     return {
       stmt: {
         sql: `UPDATE state SET value = ${fromCurrent}, version = version + 1,
-                updated_at = :now, expires_at = :expires
+                updated_at = :now, expires_at = :expires, updated_by = :by
               WHERE ${pk} AND version = :if_version AND NOT ${EXPIRED}
                 ${conditions.map((c) => `AND ${c}`).join(" ")}
               RETURNING ${STATE_COLUMNS}`,
@@ -1192,7 +1306,8 @@ function stateStatement(
     };
   }
   // No if_version: any live value (numeric, for an increment); if_version 0: only an
-  // expired one. An expired entry is replaced as if absent, starting over at version 1.
+  // absent one. A deleted or expired entry is replaced as if absent; its versions go
+  // on (after an expiry by two: the expiry is a version of its own, schema.sql).
   const when = op.if_version === 0
     ? EXPIRED
     : conditions.length > 0
@@ -1200,14 +1315,17 @@ function stateStatement(
     : "1";
   return {
     stmt: {
-      sql:
-        `INSERT INTO state (room_id, scope, key, value, version, updated_at, expires_at)
-            VALUES (:room, :scope, :key, ${absent}, 1, :now, :expires)
+      sql: `INSERT INTO state (room_id, scope, key, value, version, updated_at,
+              expires_at, updated_by)
+            VALUES (:room, :scope, :key, ${absent}, 1, :now, :expires, :by)
             ON CONFLICT (room_id, scope, key) DO UPDATE SET
               value = CASE WHEN ${EXPIRED} THEN excluded.value ELSE ${fromCurrent} END,
-              version = CASE WHEN ${EXPIRED} THEN 1 ELSE state.version + 1 END,
+              version = state.version +
+                CASE WHEN ${EXPIRED} AND NOT state.deleted THEN 2 ELSE 1 END,
+              deleted = 0,
               updated_at = excluded.updated_at,
-              expires_at = excluded.expires_at
+              expires_at = excluded.expires_at,
+              updated_by = excluded.updated_by
             WHERE ${when}
             RETURNING ${STATE_COLUMNS}`,
       args: all,
@@ -1346,7 +1464,7 @@ export async function applyBatch(
     const now = Date.now();
     const replies = [...new Set(messages.flatMap((m) => m.reply_to ?? []))];
     const [current, existing] = await Promise.all([
-      liveEntries(db, roomId, ops, now),
+      entriesOf(db, roomId, ops, now),
       existingMessageIds(db, roomId, replies),
     ]);
     const missing = replies.find((id) => !existing.has(id));
@@ -1423,24 +1541,31 @@ export async function applyBatch(
   }
 }
 
-/** The live entries of the keys the writes touch, by `scope\nkey`. */
-async function liveEntries(
+/** A key as a batch finds it: its entry, and whether that is live, or expired by TTL. */
+type Found = { entry: StateEntry; live: boolean; expired: boolean };
+
+/** The entries of the keys the writes touch (live or not), by `scope\nkey`. */
+async function entriesOf(
   db: Db,
   roomId: string,
   ops: StateWrite[],
   now: number,
-): Promise<Map<string, StateEntry>> {
-  const entries = new Map<string, StateEntry>();
+): Promise<Map<string, Found>> {
+  const entries = new Map<string, Found>();
   if (ops.length === 0) return entries;
   const rows = await all(db, {
-    sql: `SELECT ${STATE_COLUMNS} FROM state WHERE room_id = ?
-          AND (scope, key) IN (VALUES ${ops.map(() => "(?, ?)").join(", ")})
-          AND (expires_at IS NULL OR expires_at > ?)`,
-    args: [roomId, ...ops.flatMap((op) => [op.scope, op.key]), now],
+    sql: `SELECT ${STATE_COLUMNS}, deleted FROM state WHERE room_id = ?
+          AND (scope, key) IN (VALUES ${ops.map(() => "(?, ?)").join(", ")})`,
+    args: [roomId, ...ops.flatMap((op) => [op.scope, op.key])],
   });
   for (const row of rows) {
     const entry = toStateEntry(row);
-    entries.set(`${entry.scope}\n${entry.key}`, entry);
+    const live = row.expires_at === null || Number(row.expires_at) > now;
+    entries.set(`${entry.scope}\n${entry.key}`, {
+      entry,
+      live,
+      expired: !live && !row.deleted,
+    });
   }
   return entries;
 }
@@ -1468,13 +1593,31 @@ async function existingMessageIds(
  */
 function simulate(
   ops: StateWrite[],
-  current: Map<string, StateEntry>,
+  found: Map<string, Found>,
 ): Conflict[] {
-  const played = new Map<string, { version: number; value: unknown }>(current);
+  type Played = {
+    version: number;
+    value: unknown;
+    live: boolean;
+    expired: boolean;
+  };
+  const played = new Map<string, Played>(
+    [...found].map(([id, { entry, live, expired }]) => [id, {
+      version: entry.version,
+      value: entry.value,
+      live,
+      expired,
+    }]),
+  );
+  const current = (id: string) => {
+    const at = found.get(id);
+    return at?.live ? at.entry : null;
+  };
   const conflicts: Conflict[] = [];
   ops.forEach((op, index) => {
     const id = `${op.scope}\n${op.key}`;
-    const now = played.get(id) ?? null;
+    const was = played.get(id);
+    const now = was?.live ? was : null;
     const refuse = (reason: Refusal) =>
       conflicts.push({
         index,
@@ -1482,17 +1625,29 @@ function simulate(
         key: op.key,
         reason,
         expected_version: op.if_version ?? null,
-        current: current.get(id) ?? null,
+        current: current(id),
       });
     const refused = judge(op, now);
     if (refused) return refuse(refused);
-    if (op.delete) return played.delete(id);
+    // The versions go on as the SQL takes them (stateStatement).
+    if (op.delete) {
+      if (now) {
+        played.set(id, {
+          ...now,
+          version: now.version + 1,
+          live: false,
+          expired: false,
+        });
+      }
+      return;
+    }
     const value = op.increment !== undefined
       ? ((now?.value as number | undefined) ?? 0) + op.increment
       : op.merge
       ? mergePatch(now?.value, op.value)
       : op.value;
-    played.set(id, { value, version: (now?.version ?? 0) + 1 });
+    const version = (was?.version ?? 0) + (was?.expired ? 2 : 1);
+    played.set(id, { value, version, live: true, expired: false });
   });
   return conflicts;
 }
@@ -1619,6 +1774,13 @@ export async function dropMessages(
      FROM (SELECT room_id, max(id) AS top FROM (${doomed}) GROUP BY room_id) AS d
      WHERE d.room_id = rooms.id`,
     `DELETE FROM messages WHERE id IN (SELECT id FROM (${doomed}))`,
+    // History lives as long as the messages: a version that a newer one replaced
+    // before the oldest kept message is no room's state at any kept message.
+    `DELETE FROM state_versions WHERE EXISTS (SELECT 1 FROM state_versions AS w
+       WHERE w.room_id = state_versions.room_id AND w.scope = state_versions.scope
+         AND w.key = state_versions.key AND w.version > state_versions.version
+         AND w.after_message <= (SELECT dropped_through FROM rooms
+           WHERE id = state_versions.room_id))`,
   ], "write");
   return Number(results[1].rowsAffected);
 }
@@ -1648,4 +1810,155 @@ export async function earliestId(db: Db, roomId: string): Promise<number> {
     args: [roomId],
   });
   return Number(row?.id ?? 0);
+}
+
+// ---- export and import ----
+
+/** The tables an export holds besides the room, in the order it writes them. */
+export const EXPORTED = [
+  "agents",
+  "messages",
+  "state",
+  "state_versions",
+] as const;
+export type Exported = typeof EXPORTED[number];
+
+/** Each exported table's columns, and the key its pages go by. */
+const EXPORT_COLUMNS: Record<Exported, { key: string[]; columns: string }> = {
+  agents: {
+    key: ["rowid"],
+    columns: "id, name, role, joined_at, meta, status, last_seen",
+  },
+  messages: {
+    key: ["id"],
+    columns:
+      `from_agent, to_agent, kind, body, created_at, reply_to, claimed_by,
+      claimed_at, lease_expires_at, attempts, max_attempts, done_at, done_by`,
+  },
+  state: {
+    key: ["scope", "key"],
+    columns: "value, version, updated_at, expires_at, updated_by, deleted",
+  },
+  state_versions: {
+    key: ["scope", "key", "version"],
+    columns: "value, updated_by, updated_at, expires_at, after_message",
+  },
+};
+
+/**
+ * One page of a room's rows of `table` as stored (times in ms, JSON as text), after
+ * the row whose key is `after` (null: from the start); each with its key.
+ */
+export async function exportPage(
+  db: Db,
+  roomId: string,
+  table: Exported,
+  after: InValue[] | null,
+  limit: number,
+): Promise<{ row: Row; key: InValue[] }[]> {
+  const { key, columns } = EXPORT_COLUMNS[table];
+  const keys = key.join(", ");
+  const rows = await all(db, {
+    sql: `SELECT ${keys}, ${columns} FROM ${table} WHERE room_id = ?
+          ${after ? `AND (${keys}) > (${key.map(() => "?").join(", ")})` : ""}
+          ORDER BY ${keys} LIMIT ?`,
+    args: [roomId, ...(after ?? []), limit],
+  });
+  return rows.map((row) => ({ row, key: key.map((k) => row[k] as InValue) }));
+}
+
+/** A room to import, as stored (times in ms, JSON as text); messages ascending. */
+export type Imported = {
+  room: {
+    id: string;
+    created_at: number;
+    meta: string;
+    locked: boolean;
+    token_hash: string;
+    view_token_hash: string;
+  };
+  agents: InValue[][];
+  /** Without id: ids are given anew; `reply_to` is the index of an earlier message. */
+  messages: {
+    reply_to: number | null;
+    values: InValue[];
+  }[];
+  state: InValue[][];
+  /** `after_message`: the index of the newest message before it, or -1 (none). */
+  versions: { after_message: number; values: InValue[] }[];
+};
+
+/**
+ * Writes an imported room in one transaction, or nothing (false: the id is taken).
+ * Message ids are given in order after the highest ever given, so each reply and
+ * version points at its message by that offset.
+ */
+export async function importRoom(db: Db, data: Imported): Promise<boolean> {
+  const { room } = data;
+  const roomId = room.id;
+  // The highest message id given so far, as the next statement sees it.
+  const seq = `max(
+    coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0),
+    coalesce((SELECT max(id) FROM messages), 0))`;
+  const total = data.messages.length;
+  const stmts: InStatement[] = [
+    {
+      sql:
+        `INSERT INTO rooms (id, created_at, meta, locked, token_hash, view_token_hash)
+            VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`,
+      args: [
+        roomId,
+        room.created_at,
+        room.meta,
+        room.locked ? 1 : 0,
+        room.token_hash,
+        room.view_token_hash,
+      ],
+    },
+    // A taken id writes nothing at all.
+    GUARD,
+    ...data.agents.map((values) => ({
+      sql:
+        `INSERT INTO agents (room_id, id, name, role, joined_at, meta, status,
+              last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+      args: [roomId, ...values],
+    })),
+    // The k-th message gets the id after the highest so far; message j of this
+    // import is then that id less k, plus j.
+    ...data.messages.map(({ reply_to, values }, k) => ({
+      sql:
+        `INSERT INTO messages (id, room_id, reply_to, from_agent, to_agent, kind,
+              body, created_at, claimed_by, claimed_at, lease_expires_at, attempts,
+              max_attempts, done_at, done_by)
+            VALUES (${seq} + 1, ?, ${
+          reply_to === null ? "NULL" : `${seq} - ${k} + ${reply_to} + 1`
+        }, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+      args: [roomId, ...values],
+    })),
+    // Versions before entries: the entries' trigger then adds none of its own.
+    ...data.versions.map(({ after_message, values }) => ({
+      sql:
+        `INSERT INTO state_versions (room_id, after_message, scope, key, version,
+              value, updated_by, updated_at, expires_at)
+            VALUES (?, ${
+          after_message < 0 ? "0" : `${seq} - ${total} + ${after_message} + 1`
+        }, ?, ?, ?, ?, ?, ?, ?)`,
+      args: [roomId, ...values],
+    })),
+    ...data.state.map((values) => ({
+      sql: `INSERT INTO state (room_id, scope, key, value, version, updated_at,
+              expires_at, updated_by, deleted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+      args: [roomId, ...values],
+    })),
+  ];
+  try {
+    await (await db.client()).batch(stmts, "write");
+  } catch (error) {
+    if (error instanceof LibsqlBatchError && error.statementIndex === 1) {
+      return false;
+    }
+    throw error;
+  }
+  changed(db, roomId, { type: "access" });
+  return true;
 }

@@ -471,6 +471,48 @@ Deno.test("migrations run once each, in order, and record the schema version", a
   }
 });
 
+Deno.test("a database of schema 3 migrates to history: each entry becomes its first kept version, after the newest message before it", async () => {
+  const { url, dir } = await tempDb();
+  try {
+    const old = new Db({ url, migrations: MIGRATIONS.slice(0, 2) });
+    const client = await old.client();
+    await client.batch([
+      "INSERT INTO rooms (id, created_at, meta) VALUES ('r', 0, '{}')",
+      `INSERT INTO messages (id, room_id, kind, body, created_at)
+         VALUES (7, 'r', 'm', '1', 100), (9, 'r', 'm', '2', 300)`,
+      `INSERT INTO state (room_id, scope, key, value, version, updated_at)
+         VALUES ('r', '_shared', 'k', '"v"', 4, 200)`,
+    ], "write");
+    old.close();
+    const db = new Db({ url });
+    assert.equal(await schemaVersion(db), MIGRATIONS.length + 1);
+    const app = createApp({ db, rateLimit: null });
+    const history = await (await app.request("/rooms/r/state/history?key=k"))
+      .json();
+    assert.deepEqual(
+      history.map((v: Record<string, unknown>) => [
+        v.version,
+        v.value,
+        v.updated_by,
+        v.after_message,
+      ]),
+      [[4, "v", null, 7]],
+    );
+    // The next write goes on from it, and is kept too.
+    const put = await (await app.request("/rooms/r/state", {
+      method: "PUT",
+      body: JSON.stringify({ key: "k", value: "w", agent: "a" }),
+    })).json();
+    assert.equal(put.version, 5);
+    assert.equal(put.updated_by, "a");
+    const at7 = await (await app.request("/rooms/r/state?at=9")).json();
+    assert.deepEqual(at7.map((e: { value: unknown }) => e.value), ["v"]);
+    db.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("a database of schema 1 migrates to the task lifecycle: claims count one attempt, a claim without a lease stays held", async () => {
   const { url, dir } = await tempDb();
   try {

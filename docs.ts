@@ -106,8 +106,9 @@ ${endpoints(api)}
   as \`after\`. Messages carry \`reply_to\`, \`claimed_by\`, \`claimed_at\`,
   \`lease_expires_at\`, and as tasks \`status\` (\`open\`, \`held\`, \`done\`,
   \`dead\`), \`attempts\`, \`max_attempts\`, \`done_at\`, \`done_by\`.
-- State \`version\` is 1 on create and +1 on every write; deleting a key and writing it
-  again starts over at 1. Times are ISO 8601 UTC.
+- State \`version\` is 1 on create and +1 on every write, a delete included (a key
+  written again after a delete goes on from there); \`updated_by\` is the agent that
+  wrote it (an agent token's, or \`agent\` in the body). Times are ISO 8601 UTC.
 
 ## Tokens and locked rooms
 
@@ -145,6 +146,29 @@ Registering an existing agent id needs its token (or the room token);
   \`{key: "turn", value: "<next>", if_version: <v+1>}\` and your message.
 - **Lock**: \`PUT state {key: "lock", value: "me", if_version: 0, ttl: 30}\`; renew with
   \`if_version\` = its version; release with \`DELETE {key, if_version}\`.
+
+## History, export and import
+
+- **What changed since I last looked**: \`GET state/history?key=plan&after_version=<the
+  version you saw>\` lists each later version of the key, oldest first: \`value\`,
+  \`deleted\`, \`updated_by\`, \`updated_at\`, and \`after_message\` (the newest message
+  when it was written). A TTL that ran out shows as a deleted version by no one.
+- **The room as it was**: \`GET state?at=<message id>\` (with \`scope\` or \`key\` as
+  usual) answers the state right after that message was posted.
+- **Save and restore a room**: \`GET /rooms/:id/export\` streams it as NDJSON (no
+  tokens); \`POST /rooms/import?id=<new id>\` makes a room of it, all or nothing, with
+  new tokens shown once. Message ids change; order, threads, claims, task status,
+  state versions and history come back as they were.
+
+\`\`\`sh
+curl -s "${origin}/rooms/demo/state/history?key=phase"
+# → 200 [{"version":1,"value":"build","deleted":false,"updated_by":null,…}]
+curl -s "${origin}/rooms/demo/state?at=1"
+# → 200 []: nothing was written before message 1
+curl -s ${origin}/rooms/demo/export > demo.ndjson   # → 200
+curl -s -X POST "${origin}/rooms/import?id=demo-copy" --data-binary @demo.ndjson
+# → 201 {"id":"demo-copy",…,"token":"room_…","imported":{"agents":1,"messages":1,"state":1,"state_versions":1}}
+\`\`\`
 
 ## Errors
 

@@ -22,6 +22,15 @@ export type DbOptions = {
  * from version i+1 to i+2. A new database runs `schema.sql` and then every entry, so
  * `schema.sql` itself never changes shape.
  */
+/**
+ * Keeps the version a trigger on `state` just wrote (a tombstone's without value or
+ * expiry), after the newest message of the room.
+ */
+const KEEP_VERSION = `INSERT OR IGNORE INTO state_versions VALUES (NEW.room_id,
+  NEW.scope, NEW.key, NEW.version, CASE WHEN NEW.deleted THEN NULL ELSE NEW.value END,
+  NEW.updated_by, NEW.updated_at, CASE WHEN NEW.deleted THEN NULL ELSE NEW.expires_at END,
+  (SELECT coalesce(max(id), 0) FROM messages WHERE room_id = NEW.room_id));`;
+
 export const MIGRATIONS: string[][] = [
   // 2: the task lifecycle. A message claimed before counts one attempt; one claimed
   // forever without a lease stays held.
@@ -35,6 +44,47 @@ export const MIGRATIONS: string[][] = [
   // 3: retention. The highest message id retention has dropped from a room: a
   // cursor below it has missed messages (410 cursor_expired).
   ["ALTER TABLE rooms ADD COLUMN dropped_through INTEGER NOT NULL DEFAULT 0"],
+  // 4: history. The writer of each entry; a delete leaves a tombstone (deleted = 1,
+  // expired at once, so every read takes it for absent) and a key's versions never
+  // start over. Every write of a key is kept in state_versions by the triggers below,
+  // with the newest message id of the room at that moment; the entries there are
+  // kept as they were, with the newest message before the write as `after_message`.
+  [
+    "ALTER TABLE state ADD COLUMN updated_by TEXT",
+    "ALTER TABLE state ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0",
+    `CREATE TABLE state_versions (
+      room_id TEXT NOT NULL REFERENCES rooms (id) ON DELETE CASCADE,
+      scope TEXT NOT NULL,
+      key TEXT NOT NULL,
+      version INTEGER NOT NULL,
+      value TEXT, -- null: deleted, or expired (TTL)
+      updated_by TEXT,
+      updated_at INTEGER NOT NULL,
+      expires_at INTEGER,
+      after_message INTEGER NOT NULL,
+      PRIMARY KEY (room_id, scope, key, version)
+    ) STRICT, WITHOUT ROWID`,
+    "CREATE INDEX state_versions_by_message ON state_versions (room_id, after_message)",
+    `INSERT INTO state_versions
+       SELECT room_id, scope, key, version, value, NULL, updated_at, expires_at,
+         coalesce((SELECT max(id) FROM messages m
+           WHERE m.room_id = state.room_id AND m.created_at <= state.updated_at), 0)
+       FROM state`,
+    // OR IGNORE: an import writes the versions first, then the entries.
+    `CREATE TRIGGER state_insert_version AFTER INSERT ON state BEGIN
+       ${KEEP_VERSION}
+     END`,
+    // A write over an entry whose TTL ran out steps the version by two: the
+    // expiry is a version too, deleted by no one when the TTL ran out.
+    `CREATE TRIGGER state_update_version AFTER UPDATE ON state BEGIN
+       INSERT OR IGNORE INTO state_versions SELECT NEW.room_id, NEW.scope, NEW.key,
+         OLD.version + 1, NULL, NULL, OLD.expires_at, NULL,
+         (SELECT coalesce(max(id), 0) FROM messages
+           WHERE room_id = NEW.room_id AND created_at <= OLD.expires_at)
+         WHERE NEW.version = OLD.version + 2;
+       ${KEEP_VERSION}
+     END`,
+  ],
 ];
 
 /** Busy timeout for local files: a writer waits this long for another one (ms). */

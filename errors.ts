@@ -39,6 +39,10 @@ export const ERRORS = {
   key_not_found: [404, "no live state entry has that scope and key"],
   agent_not_found: [404, "no agent of the room has that id"],
   message_not_found: [404, "no message of the room has that id"],
+  room_exists: [
+    409,
+    "an import names a room that exists: name another with `?id=`",
+  ],
   agent_exists: [
     409,
     "that agent id is registered in the room already (`agent` holds it)",
@@ -319,6 +323,14 @@ export function messageNotFound(roomId: string, id: number): ApiError {
     {
       message_id: id,
     },
+  );
+}
+
+export function keyNotFound(roomId: string, scope: string, key: string) {
+  return new ApiError(
+    "key_not_found",
+    `Key "${key}" does not exist in scope "${scope}" of room "${roomId}"`,
+    { scope, key },
   );
 }
 

@@ -1810,12 +1810,20 @@ function ifVersion(c: Cas, entry: Entry | undefined): number | undefined {
   return c.by === 0 ? 0 : current + c.by;
 }
 
-/** What one write does to an entry, per the README. */
-function play(entry: Entry | undefined, w: Write, expected?: number): Outcome {
+/**
+ * What one write does to an entry, per the README. `gone` is the version that deleted
+ * an absent key, or its expiry (0: never written): its versions go on from there.
+ */
+function play(
+  entry: Entry | undefined,
+  w: Write,
+  expected?: number,
+  gone = 0,
+): Outcome {
   if (expected !== undefined && expected !== (entry?.version ?? 0)) {
     return { ok: false, reason: "version_conflict" };
   }
-  const version = (entry?.version ?? 0) + 1;
+  const version = (entry?.version ?? gone) + 1;
   switch (w.type) {
     case "delete":
       return { ok: true, entry: undefined, deleted: entry !== undefined };
@@ -1890,6 +1898,8 @@ type ModelMessage = {
 /** One run of the model property: a fresh room, the model, and the checks. */
 class Session {
   readonly state = new Map<number, Entry>();
+  /** Of each absent key once written: the version of its delete or expiry. */
+  readonly gone = new Map<number, number>();
   readonly messages: ModelMessage[] = [];
   keyed?: { key: string; body: Record<string, unknown>; answer: unknown };
   keys = 0;
@@ -1905,6 +1915,7 @@ class Session {
       version: e.version,
       updated_at: "<time>",
       expires_at: e.ttl ? "<time>" : null,
+      updated_by: null,
     };
   }
 
@@ -1965,7 +1976,7 @@ class Session {
   async write(w: Write): Promise<void> {
     const entry = this.state.get(w.slot);
     const expected = ifVersion(w.cas, entry);
-    const outcome = play(entry, w, expected);
+    const outcome = play(entry, w, expected, this.gone.get(w.slot));
     const path = `/rooms/${this.room}/state`;
     const res = await this.client.call(
       w.type === "delete" ? "DELETE" : "PUT",
@@ -2002,15 +2013,30 @@ class Session {
     }
     this.set(w.slot, outcome.entry);
     if (w.type === "put" && w.ttl === "short") {
-      // A TTL of 1 ms: once it passes, the entry reads as absent everywhere.
+      // A TTL of 1 ms: once it passes, the entry reads as absent everywhere, and
+      // its expiry takes the next version.
       await sleep(5);
-      this.state.delete(w.slot);
+      this.set(w.slot, undefined);
     }
   }
 
+  /** Sets a key's entry; absent, a key that was there is gone at the next version. */
   set(slot: number, entry: Entry | undefined): void {
-    if (entry === undefined) this.state.delete(slot);
-    else this.state.set(slot, entry);
+    this.setIn(this.state, this.gone, slot, entry);
+  }
+
+  setIn(
+    state: Map<number, Entry>,
+    gone: Map<number, number>,
+    slot: number,
+    entry: Entry | undefined,
+  ): void {
+    const was = state.get(slot);
+    if (entry !== undefined) state.set(slot, entry);
+    else if (was !== undefined) {
+      state.delete(slot);
+      gone.set(slot, was.version + 1);
+    }
   }
 
   async post(o: Extract<Op, { type: "post" }>): Promise<void> {
@@ -2065,12 +2091,13 @@ class Session {
     // Play the writes in order on a copy, as the service does: each if_version is
     // resolved against the entry as the earlier writes of the batch left it.
     const played = new Map(this.state);
+    const playedGone = new Map(this.gone);
     const conflicts: unknown[] = [];
     const results: unknown[] = [];
     const state = o.writes.map((w, index) => {
       const entry = played.get(w.slot);
       const expected = ifVersion(w.cas, entry);
-      const outcome = play(entry, w, expected);
+      const outcome = play(entry, w, expected, playedGone.get(w.slot));
       if (!outcome.ok) {
         conflicts.push({
           index,
@@ -2080,8 +2107,7 @@ class Session {
           current: this.entryJson(w.slot, this.state.get(w.slot)),
         });
       } else {
-        if (outcome.entry === undefined) played.delete(w.slot);
-        else played.set(w.slot, outcome.entry);
+        this.setIn(played, playedGone, w.slot, outcome.entry);
         results.push(
           w.type === "delete"
             ? { room_id: this.room, ...SLOTS[w.slot], deleted: outcome.deleted }
@@ -2139,6 +2165,7 @@ class Session {
     );
     for (const [slot, entry] of played) this.state.set(slot, entry);
     for (const s of this.state.keys()) if (!played.has(s)) this.state.delete(s);
+    for (const [slot, version] of playedGone) this.gone.set(slot, version);
     this.append(res.body.messages as unknown[], o.messages, replyTo);
   }
 
@@ -2193,7 +2220,7 @@ class Session {
     }
     let now = entry;
     for (let i = 0; i < n; i++) {
-      const outcome = play(now, w);
+      const outcome = play(now, w, undefined, this.gone.get(slot));
       assert.ok(outcome.ok);
       now = outcome.entry;
     }
@@ -2202,7 +2229,7 @@ class Session {
     }
     const versions = replies.map((r) => (r.body as { version: number }).version)
       .sort((a, b) => a - b);
-    const first = (entry?.version ?? 0) + 1;
+    const first = (entry?.version ?? this.gone.get(slot) ?? 0) + 1;
     assert.deepEqual(versions, Array.from({ length: n }, (_, i) => first + i));
     this.set(slot, now);
     await this.checkKey(slot);

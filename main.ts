@@ -6,6 +6,7 @@
 import { OpenAPIHono } from "@hono/zod-openapi";
 import type { Context, TypedResponse } from "hono";
 import { bodyLimit } from "hono/body-limit";
+import { every } from "hono/combine";
 import { cors } from "hono/cors";
 import { createMiddleware } from "hono/factory";
 import { NONCE, secureHeaders } from "hono/secure-headers";
@@ -19,6 +20,7 @@ import {
   findRoom,
   getRoom,
   IDEMPOTENCY_TTL_MS,
+  importRoom,
   insertMessage,
   listAgents,
   listMessages,
@@ -29,7 +31,9 @@ import {
   recentMessages,
   releaseMessage,
   type Room,
+  stateAt,
   type StateEntry,
+  stateHistory,
   type TaskStatus,
   touchAgent,
   writeState,
@@ -63,6 +67,7 @@ import {
   ApiError,
   batchRefused,
   errorResponse,
+  keyNotFound,
   messageNotFound,
   notClaimable,
   notFound,
@@ -89,6 +94,7 @@ import {
 import * as routes from "./routes.ts";
 import { once } from "./idempotency.ts";
 import { serving } from "./listener.ts";
+import { exportRoom, readExport } from "./transfer.ts";
 import { type Retention, sweeper } from "./retention.ts";
 import { handleMcp } from "./mcp.ts";
 import { openapi } from "./openapi.ts";
@@ -113,6 +119,8 @@ export function envInt(name: string, fallback: number): number {
 const DATABASE_URL = Deno.env.get("DATABASE_URL") || "file:sync.db";
 const DATABASE_AUTH_TOKEN = Deno.env.get("DATABASE_AUTH_TOKEN") || undefined;
 const MAX_BODY_BYTES = envInt("MAX_BODY_BYTES", 256 * 1024);
+/** The most bytes an import (a whole room, `POST /rooms/import`) may take. */
+const MAX_IMPORT_BYTES = envInt("MAX_IMPORT_BYTES", 16 * 1024 * 1024);
 /** The most bytes a page of messages (a read, context, the viewer's first load) takes. */
 const MAX_RESPONSE_BYTES = envInt("MAX_RESPONSE_BYTES", 4 * 1024 * 1024);
 const RATE_LIMIT = envInt("RATE_LIMIT", 100);
@@ -171,6 +179,8 @@ export type AppOptions = {
   adminToken?: string;
   /** Milliseconds a request body may take to arrive (default: STALL_TIMEOUT_SECONDS). */
   stallMs?: number;
+  /** The size limit of an import (default: MAX_IMPORT_BYTES). */
+  maxImportBytes?: number;
 };
 
 type RoomEnv = {
@@ -228,6 +238,26 @@ export function createApp(options: AppOptions) {
     shutdown ? AbortSignal.any([c.req.raw.signal, shutdown]) : c.req.raw.signal;
   const maxBodyBytes = options.maxBodyBytes ?? MAX_BODY_BYTES;
   const stallMs = options.stallMs ?? STALL_TIMEOUT_SECONDS * 1000;
+  const maxImportBytes = options.maxImportBytes ?? MAX_IMPORT_BYTES;
+  /** Bodies of at most `max` bytes, arrived within the stall timeout. */
+  const sized = (max: number, setting: string) =>
+    every(
+      bodyWithin(stallMs, max),
+      bodyLimit({
+        maxSize: max,
+        onError: (c) =>
+          errorResponse(
+            c,
+            new ApiError(
+              "payload_too_large",
+              `The request body is over ${max} bytes`,
+              { [setting.toLowerCase()]: max },
+            ),
+          ),
+      }),
+    );
+  const bodies = sized(maxBodyBytes, "MAX_BODY_BYTES");
+  const importBodies = sized(maxImportBytes, "MAX_IMPORT_BYTES");
   const maxResponseBytes = options.maxResponseBytes ?? MAX_RESPONSE_BYTES;
   const retain = options.retain ?? RETAIN;
   const startSweeping = sweeper(db, retain);
@@ -334,21 +364,10 @@ export function createApp(options: AppOptions) {
       startSweeping();
       return next();
     })
-    .use(bodyWithin(stallMs, maxBodyBytes))
-    .use(bodyLimit({
-      maxSize: maxBodyBytes,
-      onError: (c) =>
-        errorResponse(
-          c,
-          new ApiError(
-            "payload_too_large",
-            `The request body is over ${maxBodyBytes} bytes`,
-            {
-              max_body_bytes: maxBodyBytes,
-            },
-          ),
-        ),
-    }));
+    // An import is a whole room: it has a size limit of its own.
+    .use((c, next) =>
+      (c.req.path === "/rooms/import" ? importBodies : bodies)(c, next)
+    );
   app.use("/", viewerHeaders);
   return app
     // ---- the viewer, and usage for agents ----
@@ -412,6 +431,7 @@ export function createApp(options: AppOptions) {
     .openapi(routes.getLimits, (c) =>
       c.json({
         max_body_bytes: maxBodyBytes,
+        max_import_bytes: maxImportBytes,
         max_connections: serving.maxConnections,
         stall_timeout_seconds: stallMs / 1000,
         rate_limit: limit,
@@ -447,6 +467,29 @@ export function createApp(options: AppOptions) {
         return c.json(room, 200);
       }
       return c.json({ ...room, token, view_token: viewToken }, 201);
+    })
+    .openapi(routes.importRoom, async (c) => {
+      const { id } = c.req.valid("query");
+      const token = newToken("room");
+      const viewToken = newToken("view");
+      const data = readExport(await c.req.text(), {
+        id,
+        token_hash: await hashToken(token),
+        view_token_hash: await hashToken(viewToken),
+      });
+      const roomId = data.room.id;
+      if (!(await importRoom(db, data))) {
+        throw new ApiError(
+          "room_exists",
+          `Room "${roomId}" exists; import under another id with ?id=`,
+          { room_id: roomId },
+        );
+      }
+      const room = (await getRoom(db, roomId))!;
+      return c.json(
+        { ...room, token, view_token: viewToken, imported: data.counts },
+        201,
+      );
     })
     .openapi(routes.listRooms, async (c) => {
       const admin = await isAdmin(
@@ -680,16 +723,27 @@ export function createApp(options: AppOptions) {
     .openapi(
       { ...routes.putState, middleware: [inRoom, writer, jsonBody] },
       async (c) => {
-        const input = c.req.valid("json");
+        const { agent, ...input } = c.req.valid("json");
         mayWriteScope(c.var.room, c.var.caller, input.scope);
-        const result = await writeState(db, c.var.room.id, input);
+        const by = actingAs(c.var.caller, agent, "agent") ?? null;
+        const result = await writeState(db, c.var.room.id, { ...input, by });
         if (!result.ok) throw refused(result, input.if_version);
         return c.json(result.entry as StateEntry, 200);
       },
     )
     .openapi({ ...routes.getState, middleware: [inRoom] }, async (c) => {
-      const { key, after_version, wait, agent, ...q } = c.req.valid("query");
+      const { key, after_version, wait, agent, at, ...q } = c.req.valid(
+        "query",
+      );
       const room = c.var.room;
+      if (at !== undefined) {
+        const scope = key === undefined ? q.scope : q.scope ?? SHARED;
+        const entries = await stateAt(db, room.id, at, { scope, key });
+        if (entries === null) throw messageNotFound(room.id, at);
+        if (key === undefined) return c.json(entries, 200);
+        if (entries.length === 0) throw keyNotFound(room.id, scope!, key);
+        return c.json(entries[0], 200);
+      }
       if (key === undefined) {
         return c.json(await listState(db, room.id, q.scope), 200);
       }
@@ -712,23 +766,36 @@ export function createApp(options: AppOptions) {
             () => readable(c),
           ),
       ).finally(release);
-      if (!entry) {
-        throw new ApiError(
-          "key_not_found",
-          `Key "${key}" does not exist in scope "${scope}" of room "${room.id}"`,
-          { scope, key },
-        );
-      }
+      if (!entry) throw keyNotFound(room.id, scope, key);
       return c.json(entry, 200);
+    })
+    .openapi({ ...routes.exportRoom, middleware: [inRoom] }, (c) => {
+      const chunks = exportRoom(db, c.var.room, maxResponseBytes);
+      return c.body(
+        ReadableStream.from(chunks).pipeThrough(new TextEncoderStream()),
+        200,
+        { "content-type": "application/x-ndjson; charset=utf-8" },
+      );
+    })
+    .openapi({ ...routes.getStateHistory, middleware: [inRoom] }, async (c) => {
+      const { scope, key, after_version, limit } = c.req.valid("query");
+      return c.json(
+        await stateHistory(db, c.var.room.id, scope, key, {
+          after: after_version ?? 0,
+          limit: limit ?? 100,
+        }),
+        200,
+      );
     })
     .openapi(
       { ...routes.deleteState, middleware: [inRoom, writer, jsonBody] },
       async (c) => {
-        const input = c.req.valid("json");
+        const { agent, ...input } = c.req.valid("json");
         mayWriteScope(c.var.room, c.var.caller, input.scope);
         const result = await writeState(db, c.var.room.id, {
           ...input,
           delete: true,
+          by: actingAs(c.var.caller, agent, "agent") ?? null,
         });
         if (!result.ok) throw refused(result, input.if_version);
         return c.json({ deleted: result.deleted ?? false }, 200);
@@ -741,9 +808,10 @@ export function createApp(options: AppOptions) {
         const input = c.req.valid("json");
         const { room, caller } = c.var;
         const roomId = room.id;
-        for (const op of input.state ?? []) {
+        const ops = (input.state ?? []).map(({ agent, ...op }) => {
           mayWriteScope(room, caller, op.scope);
-        }
+          return { ...op, by: actingAs(caller, agent, "agent") ?? null };
+        });
         const messages = (input.messages ?? []).map((m) =>
           toNewMessage(m, caller)
         );
@@ -751,7 +819,7 @@ export function createApp(options: AppOptions) {
           const result = await applyBatch(
             db,
             roomId,
-            input.state ?? [],
+            ops,
             messages,
             idempotency,
           );

@@ -10,32 +10,16 @@ import { Db } from "./driver.ts";
 import { type AppType, createApp } from "./main.ts";
 import {
   agent,
+  appTest,
   type Call,
   caller,
-  freshDb,
   message,
   times as keepingMessagesOf,
 } from "./testing.ts";
 import { ERRORS } from "./errors.ts";
 
-type Api = { app: ReturnType<typeof createApp>; db: Db; call: Call };
-
 /** A test with its own app on a fresh in-memory database. */
-function test(
-  name: string,
-  fn: (api: Api) => Promise<void>,
-  options: { maxBodyBytes?: number; stallMs?: number } = {},
-) {
-  Deno.test(name, async () => {
-    const { db, close } = await freshDb();
-    const app = createApp({ db, rateLimit: null, ...options });
-    try {
-      await fn({ app, db, call: caller(app) });
-    } finally {
-      await close();
-    }
-  });
-}
+const test = appTest;
 
 const UUID =
   /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
@@ -423,6 +407,7 @@ test("PUT state creates version 1 in _shared, then +1 on every write", async ({ 
     version: 1,
     updated_at: "<time>",
     expires_at: null,
+    updated_by: null,
   });
   const second = await call("PUT", "/rooms/r/state", {
     scope: "_shared",
@@ -437,6 +422,7 @@ test("PUT state creates version 1 in _shared, then +1 on every write", async ({ 
     version: 2,
     updated_at: "<time>",
     expires_at: null,
+    updated_by: null,
   });
 });
 
@@ -511,7 +497,7 @@ test("GET state?key= for a missing key is 404 key_not_found", async ({ call }) =
   });
 });
 
-test("DELETE state removes a key: deleted true, then false; a rewrite starts at version 1", async ({ call }) => {
+test("DELETE state removes a key: deleted true, then false; a rewrite goes on from the delete's version (versions never start over)", async ({ call }) => {
   await call("POST", "/rooms", { id: "r" });
   await call("PUT", "/rooms/r/state", { key: "k", value: 1 });
   await call("PUT", "/rooms/r/state", { key: "k", value: 2 });
@@ -526,8 +512,10 @@ test("DELETE state removes a key: deleted true, then false; a rewrite starts at 
       deleted: false,
     },
   );
+  // 1, 2, the delete 3: a client that read version 1 before the delete cannot
+  // overwrite the new entry by its number.
   const again = await call("PUT", "/rooms/r/state", { key: "k", value: 3 });
-  assert.equal((again.body as { version: number }).version, 1);
+  assert.equal((again.body as { version: number }).version, 4);
 });
 
 // ---- bad input ----

@@ -47,6 +47,8 @@ import {
   RegisterAgent,
   Release,
   RoomOut,
+  StateHistory,
+  VersionOut,
 } from "./schemas.ts";
 import { STATUSES, TASK_STATUSES } from "./db.ts";
 import { ApiError, errorBody } from "./errors.ts";
@@ -346,10 +348,16 @@ const TOOLS = new Map([
       after_version: Count.optional(),
       wait: Seconds.optional(),
       agent: Id.optional().describe("Show this agent as waiting meanwhile"),
+      at: Count.optional().describe(
+        "A message id: the state as it was right after that message was posted",
+      ),
     },
     output: StateResult,
     annotations: read,
-    call: async ({ room, key, after_version, wait, scope, agent }, rest) => {
+    call: async (
+      { room, key, after_version, wait, scope, agent, at },
+      rest,
+    ) => {
       const waiting = key !== undefined && after_version !== undefined;
       const query = qs({
         scope,
@@ -357,12 +365,25 @@ const TOOLS = new Map([
         after_version,
         wait: waiting ? wait ?? MCP_DEFAULT_WAIT : undefined,
         agent: waiting ? agent : undefined,
+        at,
       });
       return answer(
         await rest("GET", `/rooms/${enc(room)}/state${query}`),
         key === undefined ? "entries" : undefined,
       );
     },
+  }),
+  tool("state_history", {
+    description:
+      "The versions of one state key, oldest first: value, deleted, updated_by, updated_at, after_message (the newest message id when written)",
+    input: { room, ...StateHistory.shape },
+    output: { versions: z.array(VersionOut) },
+    annotations: read,
+    call: async ({ room, ...query }, rest) =>
+      answer(
+        await rest("GET", `/rooms/${enc(room)}/state/history${qs(query)}`),
+        "versions",
+      ),
   }),
   tool("set_state", {
     description:

@@ -111,6 +111,7 @@ Deno.test("the MCP Inspector CLI lists the tools, gets REST's error JSON as text
         "read_messages",
         "release_message",
         "set_state",
+        "state_history",
       ]);
     });
 

@@ -127,7 +127,7 @@ function withoutIdle(agent: unknown): unknown {
 
 const TIME = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/;
 
-Deno.test("MCP lists the thirteen tools, with their hints and output schemas", async () => {
+Deno.test("MCP lists the fourteen tools, with their hints and output schemas", async () => {
   await withServer(async ({ connect }) => {
     const client = await connect();
     const tools = (await client.listTools()).tools as Listed[];
@@ -155,6 +155,7 @@ Deno.test("MCP lists the thirteen tools, with their hints and output schemas", a
         release_message: write(false, true),
         complete_message: write(false, false),
         get_state: read,
+        state_history: read,
         set_state: write(true, false),
         delete_state: write(true, true),
         batch: write(true, false),
@@ -173,6 +174,7 @@ Deno.test("MCP lists the thirteen tools, with their hints and output schemas", a
     assert.deepEqual(required.release_message, ["message_id", "room"]);
     assert.deepEqual(required.complete_message, ["message_id", "room"]);
     assert.deepEqual(required.delete_state, ["key", "room"]);
+    assert.deepEqual(required.state_history, ["key", "room"]);
   });
 });
 
@@ -357,6 +359,30 @@ Deno.test("every MCP tool answers REST's JSON as structured content that its out
       { deleted: false },
     );
     assert.deepEqual(await get(base, "/rooms/m/state"), []);
+
+    // History: every version of "turn", written by alice (her token), then deleted
+    // in the batch; and the room as it was right after the batch's message.
+    const history = await ok(anon, "state_history", { room: "m", key: "turn" });
+    assert.deepEqual(history, {
+      versions: await get(base, "/rooms/m/state/history?key=turn"),
+    });
+    const versions = history.versions as Record<string, unknown>[];
+    assert.deepEqual(
+      versions.map((v) => [v.version, v.value, v.deleted, v.updated_by]),
+      [[1, "alice", false, "alice"], [2, null, true, "alice"]],
+    );
+    const batched = (batch.messages as { id: number }[])[0].id;
+    const past = await ok(anon, "get_state", { room: "m", at: batched });
+    assert.deepEqual(past, {
+      entries: await get(base, `/rooms/m/state?at=${batched}`),
+    });
+    assert.deepEqual(
+      (past.entries as { key: string; value: unknown }[]).map((e) => [
+        e.key,
+        e.value,
+      ]),
+      [["n", 2]],
+    );
 
     const context = await ok(anon, "get_context", { room: "m", messages: 10 });
     const rest = await get(base, "/rooms/m/context?messages=10");

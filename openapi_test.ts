@@ -72,6 +72,7 @@ Deno.test("the OpenAPI request schemas come from the validating zod schemas", as
       doc.paths["/rooms/{id}/state"].put.requestBody.content["application/json"]
         .schema;
     assert.deepEqual(Object.keys(put.properties).sort(), [
+      "agent",
       "if_version",
       "increment",
       "key",

@@ -23,6 +23,8 @@ import {
   Heartbeat,
   Id,
   IdempotencyKey,
+  ImportOut,
+  ImportQuery,
   LastEventId,
   ListMessages,
   ListRooms,
@@ -34,6 +36,8 @@ import {
   RegisterAgent,
   Release,
   RoomOut,
+  StateHistory,
+  VersionOut,
   ViewerQuery,
 } from "./schemas.ts";
 
@@ -294,6 +298,29 @@ export const createRoom = createRoute({
   },
 });
 
+export const importRoom = createRoute({
+  method: "post",
+  path: "/rooms/import",
+  operationId: "importRoom",
+  summary:
+    "Make a room from an export (NDJSON): all or nothing, with new tokens (shown once); `id` names it (default: the exported id)",
+  request: {
+    query: ImportQuery,
+    body: {
+      required: true,
+      content: {
+        "application/x-ndjson": {
+          schema: { type: "string" as const },
+        },
+      },
+    },
+  },
+  responses: {
+    201: json(ImportOut, "Made: the room with `token` and `view_token`"),
+    ...errors(...INPUT, "room_exists"),
+  },
+});
+
 export const listRooms = createRoute({
   method: "get",
   path: "/rooms",
@@ -540,17 +567,44 @@ export const getState = createRoute({
   path: "/rooms/{id}/state",
   operationId: "getState",
   summary:
-    "One entry when `key` is given (scope `_shared` by default; with `after_version` and `wait`, hold until it changes), else a list",
+    "One entry when `key` is given (scope `_shared` by default; with `after_version` and `wait`, hold until it changes), else a list; `at` reads them as they were right after a message",
   request: { params: RoomParams, query: GetState },
   responses: {
     200: json(z.union([EntryOut, z.array(EntryOut)]), "An entry or a list"),
     ...errors(
       ...READ,
       "key_not_found",
+      "message_not_found",
       "read_only",
       "identity_mismatch",
       "too_many_waits",
     ),
+  },
+});
+
+export const getStateHistory = createRoute({
+  method: "get",
+  path: "/rooms/{id}/state/history",
+  operationId: "getStateHistory",
+  summary:
+    "The versions of one key, oldest first: who wrote what, when, after which message (deletes and expiries included)",
+  request: { params: RoomParams, query: StateHistory },
+  responses: {
+    200: json(z.array(VersionOut), "The versions (empty past the last)"),
+    ...errors(...READ),
+  },
+});
+
+export const exportRoom = createRoute({
+  method: "get",
+  path: "/rooms/{id}/export",
+  operationId: "exportRoom",
+  summary:
+    "The whole room as NDJSON, streamed: room, agent, message, state and state_version lines (no tokens)",
+  request: { params: RoomParams },
+  responses: {
+    200: text("application/x-ndjson", "One JSON object per line"),
+    ...errors(...READ),
   },
 });
 

@@ -64,14 +64,17 @@ const WellFormed = z.string().refine((s) => s.isWellFormed(), {
   error: "must be well-formed Unicode (no lone surrogates)",
 });
 
-const Key = WellFormed.min(1).max(512).regex(/^\P{Cc}*$/u, {
+export const Key = WellFormed.min(1).max(512).regex(/^\P{Cc}*$/u, {
   error: "must not contain control characters",
 }).meta({ pattern: "^\\P{Cc}*$" }); // zod would write the /u flag into the pattern
 
 /** A name or role: any text but U+0000, which SQLite and C clients would cut at. */
-const Name = WellFormed.min(1).max(256).refine((s) => !s.includes("\0"), {
-  error: "must not contain U+0000 (NUL)",
-});
+export const Name = WellFormed.min(1).max(256).refine(
+  (s) => !s.includes("\0"),
+  {
+    error: "must not contain U+0000 (NUL)",
+  },
+);
 
 /** The largest id or count a query string takes (15 digits). */
 const MAX_COUNT = 999_999_999_999_999;
@@ -174,6 +177,8 @@ const WRITE_FIELDS = {
   merge: z.boolean().optional(),
   ttl: Seconds.optional(),
   if_version: Version.optional(),
+  /** Who writes (`updated_by`): an agent token's own agent, else the one named. */
+  agent: Id.optional(),
 };
 
 type WriteFields = {
@@ -228,6 +233,7 @@ export const DeleteState = z.strictObject({
   scope: Id.default(SHARED),
   key: Key,
   if_version: Version.optional(),
+  agent: Id.optional(),
 });
 export type DeleteState = z.infer<typeof DeleteState>;
 
@@ -308,6 +314,9 @@ export const GetState = z.strictObject({
   after_version: count().optional(),
   wait: Wait.optional(),
   agent: Id.optional(),
+  at: count(1).optional().describe(
+    "A message id of the room: the state as it was right after it was posted",
+  ),
 }).superRefine((input, ctx) => {
   if (
     input.key === undefined &&
@@ -319,7 +328,28 @@ export const GetState = z.strictObject({
       message: "is required to wait on a key (after_version, wait)",
     });
   }
+  if (
+    input.at !== undefined &&
+    (input.after_version !== undefined || input.wait !== undefined)
+  ) {
+    ctx.addIssue({
+      code: "custom",
+      path: ["at"],
+      message: "reads the past: it cannot wait (after_version, wait)",
+    });
+  }
 });
+
+/** The most versions one page of a key's history answers. */
+export const MAX_VERSIONS_PER_READ = 1000;
+
+export const StateHistory = z.strictObject({
+  scope: Id.default(SHARED),
+  key: Key,
+  after_version: count().optional(),
+  limit: count(1, MAX_VERSIONS_PER_READ).optional().describe("Default 100"),
+});
+export type StateHistory = z.infer<typeof StateHistory>;
 export type GetState = z.infer<typeof GetState>;
 
 /** The most rooms one page of `GET /rooms` answers. */
@@ -344,6 +374,10 @@ export const GetStream = z.strictObject({
   ),
 });
 
+export const ImportQuery = z.strictObject({
+  id: Id.optional().describe("The new room's id (default: the exported one)"),
+});
+
 export const ViewerQuery = z.strictObject({ room: Id.optional() });
 
 /** Idempotency-Key values: printable ASCII, 1-255 characters. */
@@ -356,7 +390,7 @@ export const LastEventId = count();
 
 // ---- answers ----
 
-const Time = z.string().meta({
+export const Time = z.string().meta({
   description: "ISO 8601 UTC",
   format: "date-time",
 });
@@ -369,6 +403,14 @@ export const RoomOut = z.object({
 export const NewRoomOut = RoomOut.extend({
   token: z.string().describe("room admin token, shown once"),
   view_token: z.string().describe("read-only token, shown once"),
+});
+export const ImportOut = NewRoomOut.extend({
+  imported: z.object({
+    agents: z.number().int(),
+    messages: z.number().int(),
+    state: z.number().int(),
+    state_versions: z.number().int(),
+  }).describe("How many of each were imported"),
 });
 export const AgentOut = z.object({
   id: z.string(),
@@ -408,6 +450,22 @@ export const EntryOut = z.object({
   version: z.number().int(),
   updated_at: Time,
   expires_at: Time.nullable(),
+  updated_by: z.string().nullable().describe(
+    "The agent that wrote this version, when the writer was known",
+  ),
+});
+export const VersionOut = z.object({
+  version: z.number().int(),
+  value: Json.describe("null when deleted"),
+  deleted: z.boolean().describe(
+    "Deleted, or expired (TTL) when `updated_by` is null",
+  ),
+  updated_by: z.string().nullable(),
+  updated_at: Time,
+  expires_at: Time.nullable(),
+  after_message: z.number().int().describe(
+    "The newest message id of the room when this version was written (0: none)",
+  ),
 });
 export const ContextOut = z.object({
   room: RoomOut,

@@ -450,6 +450,65 @@ async function casePostMessages(server: Server, refs: References) {
   }
 }
 
+/**
+ * What keeping history costs a state write: the service's upsert on the raw driver,
+ * with the history triggers and without, side by side.
+ */
+async function caseHistoryCost(refs: References) {
+  progress("a state write, its history kept or not (raw driver)");
+  const [kept, bare] = await sideBySide([
+    rawSlice(["state", refs.rawFile, "raw", "1"]),
+    rawSlice(["state-bare", refs.rawFile, "raw", "1"]),
+  ]);
+  addRow(
+    "state write, history kept (vs without), raw driver",
+    `${µs(cpuPerCall(kept))} CPU, ${perSecond(rateOf(kept), "w/s")}`,
+    `${µs(cpuPerCall(bare))} CPU, ${perSecond(rateOf(bare), "w/s")}`,
+    times(cpuPerCall(kept) / cpuPerCall(bare)),
+  );
+}
+
+/**
+ * An export of the 100,000-message room, read as fast as it comes: how the service's
+ * RSS moves while it streams tens of MB (constant memory: it should not follow).
+ */
+async function caseExport(server: Server) {
+  progress("export of the 100,000-message room");
+  const before = rssMb(server.pid);
+  let peak = before;
+  const sampler = setInterval(() => {
+    peak = Math.max(peak, rssMb(server.pid));
+  }, 50);
+  const started = performance.now();
+  let bytes = 0;
+  let lines = 0;
+  try {
+    const res = await fetch(`${server.url}/rooms/page/export`);
+    if (!res.ok || !res.body) throw new Error(`export answered ${res.status}`);
+    for await (const chunk of res.body) {
+      bytes += chunk.length;
+      for (const byte of chunk) if (byte === 10) lines++;
+    }
+  } finally {
+    clearInterval(sampler);
+  }
+  const seconds = (performance.now() - started) / 1000;
+  addRow(
+    `export of a 100k-message room (${number(bytes / 1e6, 1)} MB, ${
+      number(lines)
+    } lines): RSS peak (vs before)`,
+    `${number(peak, 1)} MB`,
+    `${number(before, 1)} MB`,
+    `+${number(peak - before, 1)} MB`,
+    "flat",
+    peak - before < 50,
+  );
+  addRow(
+    "export of a 100k-message room, throughput",
+    `${number(bytes / 1e6 / seconds, 1)} MB/s`,
+  );
+}
+
 async function caseGetPage(server: Server, refs: References) {
   progress("GET 100 messages in a room of 100,000");
   const page = await call<unknown[]>(
@@ -1254,6 +1313,8 @@ async function main(): Promise<void> {
       ["PUT state", (server) => casePutState(server, refs)],
       ["increments", (server) => caseIncrements(server, refs)],
       ["batch", (server) => caseBatch(server, refs)],
+      ["history cost", () => caseHistoryCost(refs)],
+      ["export", (server) => caseExport(server)],
       [
         "wake, one instance",
         (server) => caseWakeSameInstance(server.url, refs),

@@ -6,6 +6,10 @@
  *
  *   raw.ts insert FILE ROOM SECONDS           one INSERT … RETURNING per call, read with .all()
  *   raw.ts page FILE ROOM SECONDS FIRST LAST  a 100-row page after a random id in [FIRST, LAST)
+ *   raw.ts state FILE ROOM SECONDS            the service's upsert of one of 100 keys, its
+ *                                             history kept by the triggers (migration 4)
+ *   raw.ts state-bare FILE ROOM SECONDS       the same upsert with the history triggers
+ *                                             dropped for the loop (and put back after)
  */
 import { DatabaseSync } from "node:sqlite";
 
@@ -76,8 +80,40 @@ if (mode === "insert") {
     const rows = page.all(room, first + Math.floor(Math.random() * span));
     if (rows.length !== 100) throw new Error(`a page of ${rows.length} rows`);
   });
+} else if (mode === "state" || mode === "state-bare") {
+  const triggers = db.prepare(
+    `SELECT name, sql FROM sqlite_master WHERE type = 'trigger'
+       AND name IN ('state_insert_version', 'state_update_version')`,
+  ).all() as { name: string; sql: string }[];
+  if (triggers.length !== 2) {
+    throw new Error("the history triggers are missing");
+  }
+  if (mode === "state-bare") {
+    for (const { name } of triggers) db.exec(`DROP TRIGGER ${name}`);
+  }
+  const upsert = db.prepare(
+    `INSERT INTO state (room_id, scope, key, value, version, updated_at,
+       expires_at, updated_by) VALUES (?, '_shared', ?, ?, 1, ?, NULL, NULL)
+     ON CONFLICT (room_id, scope, key) DO UPDATE SET value = excluded.value,
+       version = state.version + 1, deleted = 0, updated_at = excluded.updated_at,
+       expires_at = excluded.expires_at, updated_by = excluded.updated_by
+     RETURNING room_id, scope, key, value, version, updated_at, expires_at, updated_by`,
+  );
+  try {
+    result = loop((i) => {
+      const rows = upsert.all(
+        room,
+        `k${i % 100}`,
+        JSON.stringify({ n: i }),
+        Date.now(),
+      );
+      if (rows.length !== 1) throw new Error("the upsert gave no row");
+    });
+  } finally {
+    if (mode === "state-bare") { for (const { sql } of triggers) db.exec(sql); }
+  }
 } else {
-  throw new Error(`unknown mode "${mode}": insert or page`);
+  throw new Error(`unknown mode "${mode}": insert, page, state or state-bare`);
 }
 db.close();
 console.log(JSON.stringify(result));

@@ -69,11 +69,14 @@ type Incidents = {
  */
 async function watchedContext(
   browser: Browser,
-  options: { bypassCSP?: boolean } = {},
+  options: {
+    bypassCSP?: boolean;
+    viewport?: { width: number; height: number };
+  } = {},
 ): Promise<{ context: BrowserContext; incidents: Incidents }> {
   const context = await browser.newContext({
     bypassCSP: options.bypassCSP ?? false,
-    viewport: { width: 1200, height: 800 },
+    viewport: options.viewport ?? { width: 1200, height: 800 },
   });
   // Everything here takes milliseconds; a failure should not wait out 30 s.
   context.setDefaultTimeout(5000);
@@ -280,16 +283,16 @@ Deno.test({
           async () => {
             const res = await page.goto(`${base}/?room=crew`);
             assert.equal(res?.status(), 200);
-            // Rendered by the server, escaped: the message body, the agent name and the
-            // state value are in the HTML only as text.
+            // The page carries the room as JSON data, `<` escaped: the message body,
+            // the agent name and the state value are never markup in the HTML.
             const html = await res!.text();
             assert.ok(
               html.includes("write the tokenizer"),
-              "rendered by the server",
+              "the room comes with the page",
             );
             const count = (text: string) => html.split(text).length - 1;
             assert.deepEqual(
-              [count("&lt;script&gt;__pwned"), count("&lt;img src=x")],
+              [count("\\u003cscript>__pwned"), count("\\u003cimg src=x")],
               [3, 3],
               "the markup, escaped, in the body, the agent name and the state value",
             );
@@ -298,7 +301,9 @@ Deno.test({
               [0, 0],
               "the markup, raw, in the HTML",
             );
-            await page.getByText("write the tokenizer", { exact: true })
+            await page.locator("#messages").getByText("write the tokenizer", {
+              exact: true,
+            })
               .waitFor();
             assert.equal(await page.locator("#messages li").count(), 2);
             assert.equal(
@@ -336,7 +341,7 @@ Deno.test({
         );
 
         await section(
-          "server-rendered markup shows as text and runs nothing",
+          "the markup the page came with shows as text and runs nothing",
           async () => {
             // The stream's snapshot has since redrawn the agent and state rows, but the
             // server's rows were in the page first, where markup would have run then.
@@ -790,5 +795,264 @@ Deno.test({
       await page.getByText("This room was deleted.").waitFor({ timeout: 3000 });
       assertQuiet(incidents, "an open room with a refused token");
       await context.close();
+    }),
+});
+
+/** The two screens a person watches from: a laptop and a phone. */
+const SCREENS = [
+  { name: "desktop", viewport: { width: 1280, height: 800 } },
+  { name: "phone", viewport: { width: 390, height: 844 } },
+] as const;
+
+Deno.test({
+  name:
+    "the console at 1280×800 and 390×844: panels, following the newest, filters, a thread, tasks, a key's history, the state at a message, posting as a person, the landing page",
+  ignore: !chromiumPresent() && !IN_CI,
+  fn: () =>
+    withViewer(async (base, browser) => {
+      await Deno.mkdir(ARTIFACTS, { recursive: true });
+      // A room with a little of everything, and markup wherever a person's or an
+      // agent's text goes.
+      const made = await expect(base, "POST", "/rooms", 201, {
+        id: "ops",
+        meta: { note: PAYLOAD },
+      }) as { token: string };
+      const admin = made.token;
+      const post = async (body: Record<string, unknown>) =>
+        (await expect(
+          base,
+          "POST",
+          "/rooms/ops/messages",
+          201,
+          body,
+          admin,
+        ) as {
+          id: number;
+        }).id;
+      await expect(base, "POST", "/rooms/ops/agents", 201, {
+        id: "lead",
+        name: PAYLOAD,
+        role: PAYLOAD,
+      }, admin);
+      await expect(base, "PUT", "/rooms/ops/state", 200, {
+        key: "plan",
+        value: "draft",
+        agent: "lead",
+      }, admin);
+      const between = await post({ from: "lead", body: "plan drafted" });
+      await expect(base, "PUT", "/rooms/ops/state", 200, {
+        key: "plan",
+        value: PAYLOAD,
+        agent: "lead",
+      }, admin);
+      const held = await post({
+        from: "lead",
+        kind: "task",
+        body: "held task",
+        max_attempts: 3,
+      });
+      await expect(base, "POST", `/rooms/ops/messages/${held}/claim`, 200, {
+        agent: "w1",
+        lease: 600,
+      }, admin);
+      const done = await post({
+        from: "lead",
+        kind: "task",
+        body: "done task",
+      });
+      await expect(base, "POST", `/rooms/ops/messages/${done}/claim`, 200, {
+        agent: "w2",
+      }, admin);
+      await expect(base, "POST", `/rooms/ops/messages/${done}/complete`, 200, {
+        agent: "w2",
+        result: { body: "the result" },
+      }, admin);
+      for (let i = 0; i < 30; i++) await post({ body: `filler ${i}` });
+      const reply = await post({ from: "w1", body: "on it", reply_to: held });
+
+      for (const screen of SCREENS) {
+        const { context, incidents } = await watchedContext(browser, {
+          viewport: screen.viewport,
+        });
+        const page = await context.newPage();
+        const phone = screen.name === "phone";
+        await page.goto(`${base}/?room=ops`);
+        await waitLive(page);
+        const label = (what: string) => `${screen.name}: ${what}`;
+
+        // Panels: a phone shows one at a time, chosen from the tabs; a desktop all.
+        assert.equal(await page.locator("nav.tabs").isVisible(), phone);
+        assert.equal(await page.locator("#p-agents").isVisible(), !phone);
+        const fits = await page.evaluate(
+          "document.documentElement.scrollWidth <= innerWidth + 1",
+        );
+        assert.ok(fits, label("the page is no wider than the screen"));
+
+        // Following the newest: the page opens at the bottom; scrolled up, a new
+        // message is announced, and the announcement takes the reader down.
+        const BOTTOM =
+          "innerHeight + scrollY >= document.body.scrollHeight - 80";
+        const atBottom = () => page.evaluate(BOTTOM);
+        assert.ok(await atBottom(), label("opens at the newest"));
+        await page.evaluate("scrollTo(0, 0)");
+        await post({ from: "lead", body: `${screen.name} news` });
+        await page.locator("#new-messages").getByText("↓ 1 new message")
+          .waitFor();
+        await page.locator("#new-messages").click();
+        await page.waitForFunction(BOTTOM);
+
+        // Replies sit under their parent.
+        const order = await page.locator("#messages > li").evaluateAll((
+          items,
+        ) => items.map((item) => item.id));
+        assert.equal(
+          order.indexOf(`m-${reply}`),
+          order.indexOf(`m-${held}`) + 1,
+          label("the reply right under its task"),
+        );
+
+        // Filters: kind, task status, a thread.
+        const visible = () =>
+          page.locator("#messages > li:visible").evaluateAll((items) =>
+            items.map((item) => item.id)
+          );
+        await page.selectOption("#f-kind", "task");
+        assert.deepEqual(await visible(), [`m-${held}`, `m-${done}`]);
+        await page.selectOption("#f-kind", "");
+        await page.selectOption("#f-status", "held");
+        assert.deepEqual(await visible(), [`m-${held}`]);
+        await page.selectOption("#f-status", "");
+        await page.locator(`#m-${reply} button`, { hasText: "thread" }).click();
+        assert.deepEqual(await visible(), [`m-${held}`, `m-${reply}`]);
+        await page.locator("#thread-clear").click();
+        assert.ok((await visible()).length > 30);
+
+        // Tasks: counts by status, and the ones not done.
+        if (phone) {
+          await page.locator("nav.tabs button", { hasText: "Tasks" }).click();
+        }
+        const counts = await page.locator("#task-counts").textContent();
+        assert.match(counts!, /open 0.*held 1.*done 1.*dead 0/);
+        assert.deepEqual(
+          await page.locator("#tasks li").evaluateAll((items) =>
+            items.map((item) => item.getAttribute("data-task"))
+          ),
+          [String(held)],
+        );
+        await page.screenshot({
+          path: `${ARTIFACTS}/console-${screen.name}-tasks.png`,
+        });
+
+        // A key's history: who wrote each version.
+        if (phone) {
+          await page.locator("nav.tabs button", { hasText: "State" }).click();
+        }
+        await page.locator("#state button.key", { hasText: "plan" }).click();
+        await page.locator("#history-panel").waitFor();
+        const versions = await page.locator("#history tr").evaluateAll((rows) =>
+          rows.map((row) =>
+            [...row.children].slice(0, 3).map((c) => c.textContent)
+          )
+        );
+        assert.deepEqual(versions, [
+          ["v1", "draft", "lead"],
+          ["v2", PAYLOAD, "lead"],
+        ]);
+
+        // The state as it was right after a message, and back to live.
+        if (phone) {
+          await page.locator("nav.tabs button", { hasText: "Messages" })
+            .click();
+        }
+        await page.locator(`#m-${between} button`, { hasText: "state then" })
+          .click();
+        await page.locator("#state-mode").waitFor();
+        assert.equal(
+          await stateRow(page, "plan").locator("pre").textContent(),
+          "draft",
+        );
+        await page.screenshot({
+          path: `${ARTIFACTS}/console-${screen.name}-state.png`,
+        });
+        await page.locator("#state-live").click();
+        assert.equal(
+          await stateRow(page, "plan").locator("pre").textContent(),
+          PAYLOAD,
+        );
+
+        // Posting as a person, markup and all: it arrives as text, from a person.
+        if (phone) {
+          await page.locator("nav.tabs button", { hasText: "Messages" })
+            .click();
+        }
+        await page.fill("#compose input[name=name]", `Ann ${IMG}`);
+        await page.fill("#compose textarea", PAYLOAD);
+        await page.locator("#compose button[type=submit]").click();
+        await page.locator("#compose-note").getByText(/^Posted #\d+\.$/)
+          .waitFor();
+        const mine = page.locator("#messages > li").last();
+        await assertInert(
+          page,
+          incidents,
+          label("a person's post"),
+          async () => {
+            await mine.locator("pre").getByText(PAYLOAD, { exact: true })
+              .waitFor();
+          },
+        );
+        assert.match(
+          (await mine.locator(".from").textContent())!,
+          /^person:Ann-/,
+        );
+        await page.evaluate("scrollTo(0, 0)");
+        await page.screenshot({
+          path: `${ARTIFACTS}/console-${screen.name}.png`,
+          fullPage: false,
+        });
+        await assertNoInjectedElements(page);
+        assertQuiet(incidents, label("the whole visit"));
+        await context.close();
+      }
+
+      // A view token reads, and may not post: the console says why.
+      const locked = await expect(base, "POST", "/rooms", 201, {
+        id: "vaulted",
+        locked: true,
+      }) as { view_token: string };
+      {
+        const { context, incidents } = await watchedContext(browser);
+        const page = await context.newPage();
+        await page.goto(`${base}/?room=vaulted#token=${locked.view_token}`);
+        await waitLive(page);
+        await page.fill("#compose textarea", "hello");
+        await page.locator("#compose button[type=submit]").click();
+        await page.locator("#compose-note").getByText(/^403 read_only: /)
+          .waitFor();
+        assertQuiet(incidents, "a view token's post");
+        await context.close();
+      }
+
+      // The landing page: the open rooms, and the docs as HTML.
+      {
+        const { context, incidents } = await watchedContext(browser);
+        const page = await context.newPage();
+        await page.goto(`${base}/`);
+        await page.locator("#rooms a", { hasText: "ops" }).waitFor();
+        assert.equal(
+          await page.locator("#rooms a", { hasText: "vaulted" }).count(),
+          0,
+          "a locked room is not listed",
+        );
+        assert.ok(await page.locator("#docs h2").count() > 3);
+        assert.ok(await page.locator("#docs table").count() > 0);
+        const docs = (await page.locator("#docs").textContent())!;
+        assert.ok(!docs.includes("|---"), "tables are tables");
+        assert.ok(!docs.includes("```"), "code is code");
+        await page.screenshot({ path: `${ARTIFACTS}/landing.png` });
+        await page.locator("#rooms a", { hasText: "ops" }).click();
+        await waitLive(page);
+        assertQuiet(incidents, "the landing page");
+        await context.close();
+      }
     }),
 });

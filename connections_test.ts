@@ -241,3 +241,39 @@ Deno.test("with no cap (MAX_CONNECTIONS=0, plain Deno.serve), clients holding ev
     }
   }, 256);
 });
+
+Deno.test("150 long-polls from one address: 100 are held (MAX_WAITS_PER_CLIENT), 50 meet 429 too_many_waits at once, and a message releases the held", async () => {
+  await serving({}, async (server) => {
+    await expect(server.url, "POST", "/rooms", 201, { id: "r" });
+    const stop = new AbortController();
+    const answers: { status: number; at: number }[] = [];
+    const started = performance.now();
+    const polls = Array.from(
+      { length: 150 },
+      () =>
+        fetch(`${server.url}/rooms/r/messages?after=0&wait=20`, {
+          signal: stop.signal,
+        }).then(async (res) => {
+          await res.body?.cancel();
+          answers.push({ status: res.status, at: performance.now() - started });
+        }).catch(() => {}),
+    );
+    try {
+      const until = performance.now() + 10_000;
+      while (answers.length < 50 && performance.now() < until) await sleep(50);
+      await sleep(300);
+      assert.deepEqual(
+        answers.map((a) => a.status),
+        Array(50).fill(429),
+        "only the 50 past the cap answered, with 429",
+      );
+      await expect(server.url, "POST", "/rooms/r/messages", 201, { body: 1 });
+      await Promise.all(polls);
+      const held = answers.slice(50).map((a) => a.status);
+      assert.deepEqual(held, Array(100).fill(200), "the held were released");
+    } finally {
+      stop.abort();
+      await Promise.allSettled(polls);
+    }
+  });
+});

@@ -1151,6 +1151,7 @@ function table(w: World): Record<string, { good: Case[]; bad: Case[] }> {
         ["getOpenApi", "/openapi.json"],
         ["getHealth", "/healthz"],
         ["getLimits", "/limits"],
+        ["getViewerScript", "/viewer.js"],
       ].map(([id, url]) => [id, {
         good: [{ status: 200, url }],
         // They take no input: junk in the request changes nothing.

@@ -98,7 +98,7 @@ import { exportRoom, readExport } from "./transfer.ts";
 import { type Retention, sweeper } from "./retention.ts";
 import { handleMcp } from "./mcp.ts";
 import { openapi } from "./openapi.ts";
-import { Landing, MissingRoom, RoomPage } from "./view.tsx";
+import { docsHtml, Landing, MissingRoom, RoomPage } from "./view.tsx";
 import {
   streamRoom,
   waitForMessages,
@@ -151,6 +151,9 @@ const MAX_WAITS: WaitLimit = {
  * closed.
  */
 export const STALL_TIMEOUT_SECONDS = envInt("STALL_TIMEOUT_SECONDS", 10);
+
+/** Open rooms the landing page lists (the oldest first, as `GET /rooms` pages). */
+const LANDING_ROOMS = 100;
 
 /** Messages the viewer renders on first load; later ones arrive live. */
 const VIEWER_MESSAGES = 200;
@@ -396,7 +399,13 @@ export function createApp(options: AppOptions) {
         );
       }
       if (c.req.header("accept")?.includes("text/html")) {
-        return c.html(Landing({ docs: docs(c), nonce }));
+        const rooms = await listRooms(db, false, { limit: LANDING_ROOMS + 1 });
+        return c.html(Landing({
+          docs: await docsHtml(docs(c)),
+          rooms: (rooms ?? []).slice(0, LANDING_ROOMS),
+          more: (rooms ?? []).length > LANDING_ROOMS,
+          nonce,
+        }));
       }
       return markdown(c, docs(c));
     })
@@ -404,6 +413,13 @@ export function createApp(options: AppOptions) {
     .openapi(routes.postMcp, (c) => mcp(c))
     // The same docs for every kind of reader: agents, skill loaders, LLM tools.
     .openapi(routes.getReadme, (c) => markdown(c, docs(c)))
+    .openapi(routes.getViewerScript, async (c) => {
+      c.header("x-content-type-options", "nosniff");
+      c.header("cache-control", "no-cache");
+      return c.body(await viewerScript(), 200, {
+        "content-type": "text/javascript; charset=utf-8",
+      });
+    })
     .openapi(routes.getLlmsTxt, (c) => markdown(c, docs(c)))
     .openapi(routes.getSkill, (c) => {
       const origin = new URL(c.req.url).origin;
@@ -924,6 +940,15 @@ export type AppType = ReturnType<typeof createApp>;
 
 /** The database named by `DATABASE_URL`; opened on the first request. */
 export const db = new Db({ url: DATABASE_URL, authToken: DATABASE_AUTH_TOKEN });
+
+/** The viewer's module, read once (from the file beside this one, wherever that is). */
+let viewerSource: Promise<string> | undefined;
+function viewerScript(): Promise<string> {
+  viewerSource ??= fetch(new URL("./viewer.js", import.meta.url)).then((res) =>
+    res.text()
+  );
+  return viewerSource;
+}
 
 /** Aborted when the process drains (server.ts), to end long-polls and streams at once. */
 const draining = new AbortController();

@@ -156,6 +156,17 @@ export const getIndex = createRoute({
   },
 });
 
+export const getViewerScript = createRoute({
+  method: "get",
+  path: "/viewer.js",
+  operationId: "getViewerScript",
+  summary: "The viewer page's script (a JavaScript module)",
+  responses: {
+    200: text("text/javascript", "The module"),
+    ...errors(),
+  },
+});
+
 export const getReadme = docsRoute("/README.md", "getReadme", "Usage docs");
 export const getLlmsTxt = docsRoute("/llms.txt", "getLlmsTxt", "Usage docs");
 export const getSkill = docsRoute(

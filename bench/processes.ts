@@ -40,7 +40,7 @@ async function startServer(
   let status: Deno.CommandStatus | undefined;
   const listening = Promise.withResolvers<{ url: string; pid: number }>();
   // Both pipes are read to the end, so a chatty server never blocks on a full pipe.
-  const collect = (stream: ReadableStream<Uint8Array>) =>
+  const collect = (stream: ReadableStream<Uint8Array<ArrayBuffer>>) =>
     stream.pipeThrough(new TextDecoderStream()).pipeTo(
       new WritableStream({
         write(text) {

@@ -867,6 +867,12 @@ Deno.test({
         agent: "w2",
         result: { body: "the result" },
       }, admin);
+      // A state key may hold markup too (keys are any printable text).
+      const MARKUP_KEY = `k ${IMG}`;
+      await expect(base, "PUT", "/rooms/ops/state", 200, {
+        key: MARKUP_KEY,
+        value: 1,
+      }, admin);
       for (let i = 0; i < 30; i++) await post({ body: `filler ${i}` });
       const reply = await post({ from: "w1", body: "on it", reply_to: held });
 
@@ -958,6 +964,25 @@ Deno.test({
           ["v1", "draft", "lead"],
           ["v2", PAYLOAD, "lead"],
         ]);
+
+        // A key with markup: shown as text, and so is its history's title.
+        await assertInert(
+          page,
+          incidents,
+          label("a key with markup"),
+          async () => {
+            await page.locator("#state button.key").getByText(MARKUP_KEY, {
+              exact: true,
+            }).click();
+            await page.locator("#history-key").getByText(
+              `_shared / ${MARKUP_KEY}`,
+              {
+                exact: true,
+              },
+            ).waitFor();
+          },
+        );
+        await page.locator("#history-close").click();
 
         // The state as it was right after a message, and back to live.
         if (phone) {

@@ -6,7 +6,7 @@ import {
   type InStatement,
   type InValue,
   LibsqlBatchError,
-} from "@libsql/client/web";
+} from "@libsql/core/api";
 
 import type { Db } from "./driver.ts";
 import type { Row } from "./sqlite.ts";

@@ -4,7 +4,8 @@
  * handling, and the schema with its migrations, applied once on the first query.
  * Queries are in db.ts.
  */
-import { createClient, LibsqlError } from "@libsql/client/web";
+// The error classes only: the remote client itself loads when a remote URL is opened.
+import { LibsqlError } from "@libsql/core/api";
 import { type Driver, openSqlite, sqlitePath } from "./sqlite.ts";
 
 /** How to reach the database; `url` is `file:…`, `:memory:`, `libsql://…` or `https://…`. */
@@ -266,12 +267,12 @@ export class Db {
     // An embedded file goes through node:sqlite (one connection: the driver is
     // synchronous, so more add no parallelism, and its PRAGMAs hold); a remote URL
     // through @libsql/client. docs/PERFORMANCE.md says why.
-    const client: Driver = local
-      ? openLocal(this.options.url)
-      : this.#guarded(createClient({
+    const client: Driver = local ? openLocal(this.options.url) : this.#guarded(
+      (await import("@libsql/client/web")).createClient({
         url: this.options.url,
         authToken: this.options.authToken,
-      }));
+      }),
+    );
     this.#client = client;
     try {
       if (local && this.options.url !== ":memory:") {

@@ -2,7 +2,7 @@
  * The one error shape of the API, `{error, message, ...details}`, made here and only
  * here: handlers throw an `ApiError`, `onError` and `notFound` turn everything into JSON.
  */
-import { LibsqlError } from "@libsql/client/web";
+import { LibsqlError } from "@libsql/core/api";
 
 import type { BatchResult, Message, WriteResult } from "./db.ts";
 import { isUnavailable } from "./driver.ts";

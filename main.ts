@@ -96,7 +96,6 @@ import { once } from "./idempotency.ts";
 import { serving } from "./listener.ts";
 import { exportRoom, readExport } from "./transfer.ts";
 import { type Retention, sweeper } from "./retention.ts";
-import { handleMcp } from "./mcp.ts";
 import { openapi } from "./openapi.ts";
 import { docsHtml, Landing, MissingRoom, RoomPage } from "./view.tsx";
 import {
@@ -329,13 +328,18 @@ export function createApp(options: AppOptions) {
   };
 
   /** `/mcp`: each tool call is a REST request to this app, made in-process. */
+  // The MCP SDK loads with the first MCP request: agents on REST never wait for it.
   const mcp = async (c: Context) =>
-    handleMcp(c.req.raw, await c.req.text(), async (request) =>
+    (await import("./mcp.ts")).handleMcp(
+      c.req.raw,
+      await c.req.text(),
       // The /mcp request was counted by the rate limit already; its tool calls are not.
-      await app.fetch(request, {
-        ...(c.env as object | undefined),
-        internal: true,
-      }));
+      async (request) =>
+        await app.fetch(request, {
+          ...(c.env as object | undefined),
+          internal: true,
+        }),
+    );
 
   // The room routes' middleware (inRoom) sets these variables; no other route reads them.
   const app = new OpenAPIHono<RoomEnv>({ defaultHook: refuseInvalid });

@@ -11,7 +11,7 @@ import {
   type InValue,
   LibsqlBatchError,
   LibsqlError,
-} from "@libsql/client/web";
+} from "@libsql/core/api";
 
 /** A value read from a row: what both drivers can answer. */
 export type Value = null | string | number | bigint | ArrayBuffer | Uint8Array;

@@ -6,7 +6,7 @@
  * each page at most `maxBytes`); an import is checked whole before anything is
  * written, then written in one transaction.
  */
-import type { InValue } from "@libsql/client/web";
+import type { InValue } from "@libsql/core/api";
 import { z } from "zod";
 import {
   EXPORTED,

@@ -93,6 +93,7 @@ const app = new Hono()
     }));
     return c.json(page);
   })
+  .get("/healthz", (c) => c.json({ ok: true }))
   .get("/rooms/:id/stream", (c) =>
     streamSSE(c, async (stream) => {
       const leave = join(streams, c.req.param("id"), stream);

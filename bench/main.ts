@@ -8,6 +8,7 @@
  * The service is a black box: HTTP only, plus rows written straight into its SQLite
  * file (while it is stopped) to make big rooms quickly. One table at the end.
  */
+import { coldStarts } from "./coldstart.ts";
 import {
   call,
   inParallel,
@@ -448,6 +449,24 @@ async function casePostMessages(server: Server, refs: References) {
       percent(rate / bareRate),
     );
   }
+}
+
+/**
+ * Cold start: `deno run` with the start task's flags (a fresh database file, a warm
+ * module cache) to the first 200 on `/healthz`, against the bare Hono app started the
+ * same way; the medians of 5, taking turns (bench/coldstart.ts).
+ */
+async function caseColdStart() {
+  progress("cold start, 5 of each");
+  const { service, bare } = await coldStarts(5);
+  addRow(
+    "cold start to the first 200, median of 5 (vs bare Hono)",
+    ms(service),
+    ms(bare),
+    times(service / bare),
+    "≤ 2.5×",
+    service / bare <= 2.5,
+  );
 }
 
 /**
@@ -1345,6 +1364,7 @@ async function main(): Promise<void> {
       `${number(rssMb(service.pid), 1)} MB`,
     );
     await Promise.all([service.stop(), bare.stop()]);
+    await attempt("cold start", caseColdStart);
     await attempt("held long-polls", () => caseHeldWaiters(dbs.main));
     await attempt("held streams", () => caseHeldStreams(dbs.main));
     await attempt("10k vs 1M", () => caseScale(dbs));

@@ -547,11 +547,12 @@ function insertMessageStatement(
   m: NewMessage,
   now: number,
 ): InStatement {
+  const body = JSON.stringify(m.body);
   return {
     sql:
       `INSERT INTO messages (room_id, from_agent, to_agent, kind, body, created_at, reply_to,
-            max_attempts)
-          SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8
+            max_attempts, head)
+          SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9
           WHERE ?7 IS NULL OR EXISTS (SELECT 1 FROM messages WHERE id = ?7 AND room_id = ?1)
           RETURNING ${MESSAGE_COLUMNS}`,
     args: [
@@ -559,12 +560,38 @@ function insertMessageStatement(
       m.from_agent,
       m.to_agent,
       m.kind,
-      JSON.stringify(m.body),
+      body,
       now,
       m.reply_to,
       m.max_attempts,
+      messageHead(roomId, m, body, now),
     ],
   };
+}
+
+/**
+ * The part of a message's JSON that never changes, as stored in `head`: its fields
+ * from `room_id` to `reply_to`, in `toMessage`'s order, without braces. `body` is its
+ * JSON text as stored.
+ */
+export function messageHead(
+  roomId: string,
+  m: {
+    from_agent: string | null;
+    to_agent: string | null;
+    kind: string;
+    reply_to: number | null;
+  },
+  body: string,
+  createdAt: number,
+): string {
+  return `"room_id":${JSON.stringify(roomId)},"from_agent":${
+    JSON.stringify(m.from_agent)
+  },"to_agent":${JSON.stringify(m.to_agent)},"kind":${
+    JSON.stringify(m.kind)
+  },"body":${body},"created_at":"${
+    new Date(createdAt).toISOString()
+  }","reply_to":${JSON.stringify(m.reply_to)}`;
 }
 
 /**
@@ -655,6 +682,7 @@ function messageQuery(
   roomId: string,
   filter: MessageFilter,
   now: number,
+  columns = MESSAGE_COLUMNS,
 ): { sql: string; args: InValue[] } {
   const where = ["room_id = ?"];
   const args: InValue[] = [roomId];
@@ -688,7 +716,7 @@ function messageQuery(
     args.push(now, ...filter.statuses);
   }
   return {
-    sql: `SELECT ${MESSAGE_COLUMNS} FROM messages WHERE ${where.join(" AND ")}
+    sql: `SELECT ${columns} FROM messages WHERE ${where.join(" AND ")}
           ORDER BY id ${filter.order === "desc" ? "DESC" : "ASC"} LIMIT ?`,
     args: [...args, filter.limit],
   };
@@ -728,24 +756,43 @@ function isoSql(ms: string): string {
 }
 
 /**
- * A message row as the JSON object `toMessage` makes of it, built by SQLite: a second
- * mapper for the messages table, kept because pages built this way cost half as much
- * as rows mapped in JS (docs/PERFORMANCE.md); db_test.ts holds the two equal. Its
- * `?`s are all the current time (ms), `messageJsonArgs`: a lapsed lease reads as no
- * claim.
+ * A message's `head` made from its columns (`messageHead` makes it at insert): for
+ * rows written before it was stored, and for imports, whose replies get their ids
+ * inside the import's transaction.
  */
-const MESSAGE_JSON = `json_object(
-    'id', id, 'room_id', room_id, 'from_agent', from_agent,
-    'to_agent', to_agent, 'kind', kind, 'body', json(body),
-    'created_at', ${isoSql("created_at")}, 'reply_to', reply_to,
-    'claimed_by', CASE WHEN ${HELD} THEN claimed_by END,
-    'claimed_at', CASE WHEN ${HELD} THEN ${isoSql("claimed_at")} END,
-    'lease_expires_at', CASE WHEN ${HELD} THEN ${
-  isoSql("lease_expires_at")
-} END,
-    'status', ${STATUS_SQL}, 'attempts', attempts, 'max_attempts', max_attempts,
-    'done_at', ${isoSql("done_at")}, 'done_by', done_by
-  )`;
+const HEAD_SQL = `trim(json_object('room_id', room_id,
+    'from_agent', from_agent, 'to_agent', to_agent, 'kind', kind,
+    'body', json(body), 'created_at', ${isoSql("created_at")},
+    'reply_to', reply_to), '{}')`;
+
+/** A time (ms, or null) as a JSON value: an ISO 8601 string, or null. */
+function isoJson(ms: string): string {
+  return `CASE WHEN ${ms} IS NULL THEN 'null' ELSE '"' || ${
+    isoSql(ms)
+  } || '"' END`;
+}
+
+/**
+ * A message row as the JSON text `toMessage` makes of it (`JSON.stringify`), built
+ * by SQLite: its stored `head` (what never changes, written at insert), then the
+ * task fields as they are now. A second mapper for the messages table, kept because
+ * pages built this way cost a fraction of rows mapped in JS (docs/PERFORMANCE.md);
+ * db_test.ts holds the two equal. A row without `head` (written by an older
+ * instance) has it made on the spot. Its `?`s are all the current time (ms),
+ * `messageJsonArgs`: a lapsed lease reads as no claim.
+ */
+const MESSAGE_JSON = `'{"id":' || id || ',' || coalesce(head, ${HEAD_SQL}) ||
+    ',"claimed_by":' || CASE WHEN ${HELD} THEN json_quote(claimed_by) ELSE 'null' END ||
+    ',"claimed_at":' || CASE WHEN ${HELD} THEN ${
+  isoJson("claimed_at")
+} ELSE 'null' END ||
+    ',"lease_expires_at":' || CASE WHEN ${HELD} THEN ${
+  isoJson("lease_expires_at")
+} ELSE 'null' END ||
+    ',"status":"' || ${STATUS_SQL} || '","attempts":' || attempts ||
+    ',"max_attempts":' || coalesce(max_attempts, 'null') ||
+    ',"done_at":' || ${isoJson("done_at")} ||
+    ',"done_by":' || json_quote(done_by) || '}'`;
 
 /** The arguments of `MESSAGE_JSON`: the time, once per `?`. */
 function messageJsonArgs(now: number): number[] {
@@ -763,10 +810,10 @@ export async function listMessagesJson(
   filter: MessageFilter,
 ): Promise<MessagePage> {
   const now = Date.now();
-  const page = messageQuery(roomId, filter, now);
+  const page = messageQuery(roomId, filter, now, `${MESSAGE_COLUMNS}, head`);
   const [row] = await all(db, {
     sql: `SELECT count(*) AS count,
-            coalesce(json_group_array(${MESSAGE_JSON}), '[]') AS json
+            '[' || coalesce(group_concat(${MESSAGE_JSON}, ','), '') || ']' AS json
           FROM (${page.sql})`,
     args: [...messageJsonArgs(now), ...page.args],
   });
@@ -1950,6 +1997,10 @@ export async function importRoom(db: Db, data: Imported): Promise<boolean> {
               expires_at, updated_by, deleted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
       args: [roomId, ...values],
     })),
+    {
+      sql: `UPDATE messages SET head = ${HEAD_SQL} WHERE room_id = ?`,
+      args: [roomId],
+    },
   ];
   try {
     await (await db.client()).batch(stmts, "write");

@@ -86,6 +86,17 @@ export const MIGRATIONS: string[][] = [
        ${KEEP_VERSION}
      END`,
   ],
+  // 5: each message's wire form, the part that never changes (all but its id and
+  // its task fields), written once at insert: a page of messages is then mostly
+  // this text joined (db.ts, MESSAGE_JSON).
+  [
+    "ALTER TABLE messages ADD COLUMN head TEXT",
+    `UPDATE messages SET head = trim(json_object('room_id', room_id,
+       'from_agent', from_agent, 'to_agent', to_agent, 'kind', kind,
+       'body', json(body), 'created_at',
+       strftime('%Y-%m-%dT%H:%M:%fZ', created_at / 1000.0, 'unixepoch'),
+       'reply_to', reply_to), '{}')`,
+  ],
 ];
 
 /** Busy timeout for local files: a writer waits this long for another one (ms). */

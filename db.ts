@@ -1085,8 +1085,9 @@ const STATE_COLUMNS =
  * A live entry: one whose TTL has not run out. A deleted key is a tombstone that
  * expired when it was deleted, so it is never live either.
  */
-const LIVE = "(expires_at IS NULL OR expires_at > :now)";
-const EXPIRED = "(state.expires_at IS NOT NULL AND state.expires_at <= :now)";
+const LIVE = "(NOT deleted AND (expires_at IS NULL OR expires_at > :now))";
+const EXPIRED =
+  "(state.deleted OR (state.expires_at IS NOT NULL AND state.expires_at <= :now))";
 const NUMERIC = "json_type(state.value) IN ('integer', 'real')";
 /** The largest finite double: a sum beyond it is refused, not stored as infinity. */
 const MAX_DOUBLE = "1.7976931348623157e308";
@@ -1607,7 +1608,8 @@ async function entriesOf(
   });
   for (const row of rows) {
     const entry = toStateEntry(row);
-    const live = row.expires_at === null || Number(row.expires_at) > now;
+    const live = !row.deleted &&
+      (row.expires_at === null || Number(row.expires_at) > now);
     entries.set(`${entry.scope}\n${entry.key}`, {
       entry,
       live,
@@ -1822,12 +1824,17 @@ export async function dropMessages(
      WHERE d.room_id = rooms.id`,
     `DELETE FROM messages WHERE id IN (SELECT id FROM (${doomed}))`,
     // History lives as long as the messages: a version that a newer one replaced
-    // before the oldest kept message is no room's state at any kept message.
-    `DELETE FROM state_versions WHERE EXISTS (SELECT 1 FROM state_versions AS w
-       WHERE w.room_id = state_versions.room_id AND w.scope = state_versions.scope
-         AND w.key = state_versions.key AND w.version > state_versions.version
-         AND w.after_message <= (SELECT dropped_through FROM rooms
-           WHERE id = state_versions.room_id))`,
+    // before the oldest kept message is no room's state at any kept message. The
+    // next version is the one to ask (after_message only grows with the version),
+    // one index step each; rooms that never dropped a message keep everything.
+    `DELETE FROM state_versions
+     WHERE room_id IN (SELECT id FROM rooms WHERE dropped_through > 0)
+       AND (SELECT w.after_message FROM state_versions AS w
+             WHERE w.room_id = state_versions.room_id
+               AND w.scope = state_versions.scope AND w.key = state_versions.key
+               AND w.version > state_versions.version
+             ORDER BY w.version LIMIT 1)
+         <= (SELECT dropped_through FROM rooms WHERE id = state_versions.room_id)`,
   ], "write");
   return Number(results[1].rowsAffected);
 }

@@ -745,3 +745,89 @@ test(
   },
   { maxImportBytes: 1000 },
 );
+
+test("an export read while the room was written imports as a consistent room: versions newer than their entry are left out, and the key takes writes", async ({ call }) => {
+  await seed(call);
+  const lines = (await exported(call, "r")).map((l) => JSON.stringify(l));
+  // As if "phase" got version 3 between reading the entries and the versions, and
+  // a key was made after the entries were read.
+  const extra = [
+    {
+      type: "state_version",
+      scope: "_shared",
+      key: "phase",
+      version: 3,
+      value: "later",
+      deleted: false,
+      updated_by: null,
+      updated_at: "2026-01-01T00:00:00.000Z",
+      expires_at: null,
+      after_message: 0,
+    },
+    {
+      type: "state_version",
+      scope: "_shared",
+      key: "newer",
+      version: 1,
+      value: 1,
+      deleted: false,
+      updated_by: null,
+      updated_at: "2026-01-01T00:00:00.000Z",
+      expires_at: null,
+      after_message: 0,
+    },
+  ].map((l) => JSON.stringify(l));
+  const made = await call(
+    "POST",
+    "/rooms/import?id=racy",
+    [...lines, ...extra].join("\n"),
+  );
+  assert.equal(made.status, 201, made.text);
+  assert.equal(
+    (made.body as { imported: { state_versions: number } }).imported
+      .state_versions,
+    6,
+  );
+  const put = await call("PUT", "/rooms/racy/state", {
+    key: "phase",
+    value: "next",
+  });
+  assert.equal(put.status, 200, put.text);
+  assert.equal((put.body as { version: number }).version, 3);
+  const versions = (await call(
+    "GET",
+    "/rooms/racy/state/history?key=phase",
+  )).body as { version: number; value: unknown }[];
+  assert.deepEqual(versions.map((v) => [v.version, v.value]), [
+    [1, "plan"],
+    [2, "review"],
+    [3, "next"],
+  ]);
+});
+
+test("an import nesting deeper than MAX_JSON_DEPTH is a 400 naming the line", async ({ call }) => {
+  const room = JSON.stringify({
+    type: "room",
+    format: 1,
+    id: "deep",
+    created_at: "2026-01-01T00:00:00.000Z",
+    meta: {},
+    locked: false,
+  });
+  const deep = `{"type":"message","id":1,"body":${"[".repeat(100)}1${
+    "]".repeat(100)
+  }}`;
+  const res = await call("POST", "/rooms/import", `${room}\n${deep}`);
+  assert.equal(res.status, 400);
+  assert.equal((res.body as { line: number }).line, 2);
+  assert.equal((await call("GET", "/rooms/deep")).status, 404);
+});
+
+test("retention keeps every version of a room that dropped no message", async ({ call, db }) => {
+  await call("POST", "/rooms", { id: "r" });
+  for (let i = 1; i <= 3; i++) {
+    await call("PUT", "/rooms/r/state", { key: "k", value: i });
+  }
+  await sweep(db, { messages: 1000, days: 0 });
+  assert.deepEqual((await history(call, "k")).map((v) => v.version), [1, 2, 3]);
+});

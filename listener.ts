@@ -208,10 +208,14 @@ export function listen(
         conn = await listener.accept();
       } catch (error) {
         if (closing || error instanceof Deno.errors.BadResource) return;
+        // A connection reset before it was accepted, and the like: that one only.
+        if (!/Too many open files|ENFILE|EMFILE/.test(String(error))) {
+          await new Promise((resolve) => setTimeout(resolve, 1));
+          continue;
+        }
         // Out of descriptors: the limit is found. Serve fewer from now on, and make
         // room by closing idle connections; accept again once some are free.
-        const outOfFiles = String(error).includes("Too many open files");
-        if (outOfFiles && open.size - HEADROOM < max) {
+        if (open.size - HEADROOM < max) {
           max = Math.max(1, open.size - HEADROOM);
           serving.maxConnections = max;
           console.error(
@@ -222,9 +226,9 @@ export function listen(
         while (open.size > max && evict()) freed = true;
         if (!freed && !failing) {
           console.error(
-            `sync: cannot accept (${
-              outOfFiles ? "out of file descriptors" : error
-            }): accepting again in ${RETRY_ACCEPT_MS / 1000} s`,
+            `sync: cannot accept (out of file descriptors): accepting again in ${
+              RETRY_ACCEPT_MS / 1000
+            } s`,
           );
         }
         failing = !freed;

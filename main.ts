@@ -119,7 +119,7 @@ const DATABASE_URL = Deno.env.get("DATABASE_URL") || "file:sync.db";
 const DATABASE_AUTH_TOKEN = Deno.env.get("DATABASE_AUTH_TOKEN") || undefined;
 const MAX_BODY_BYTES = envInt("MAX_BODY_BYTES", 256 * 1024);
 /** The most bytes an import (a whole room, `POST /rooms/import`) may take. */
-const MAX_IMPORT_BYTES = envInt("MAX_IMPORT_BYTES", 16 * 1024 * 1024);
+const MAX_IMPORT_BYTES = envInt("MAX_IMPORT_BYTES", 8 * 1024 * 1024);
 /** The most bytes a page of messages (a read, context, the viewer's first load) takes. */
 const MAX_RESPONSE_BYTES = envInt("MAX_RESPONSE_BYTES", 4 * 1024 * 1024);
 const RATE_LIMIT = envInt("RATE_LIMIT", 100);
@@ -241,6 +241,7 @@ export function createApp(options: AppOptions) {
   const maxBodyBytes = options.maxBodyBytes ?? MAX_BODY_BYTES;
   const stallMs = options.stallMs ?? STALL_TIMEOUT_SECONDS * 1000;
   const maxImportBytes = options.maxImportBytes ?? MAX_IMPORT_BYTES;
+  let importing = false;
   /** Bodies of at most `max` bytes, arrived within the stall timeout. */
   const sized = (max: number, setting: string) =>
     every(
@@ -490,26 +491,40 @@ export function createApp(options: AppOptions) {
     })
     .openapi(routes.importRoom, async (c) => {
       const { id } = c.req.valid("query");
-      const token = newToken("room");
-      const viewToken = newToken("view");
-      const data = readExport(await c.req.text(), {
-        id,
-        token_hash: await hashToken(token),
-        view_token_hash: await hashToken(viewToken),
-      });
-      const roomId = data.room.id;
-      if (!(await importRoom(db, data))) {
+      // A whole room is checked in memory and written in one transaction: one at a
+      // time, so a few big imports cannot take the memory or the writer together.
+      if (importing) {
+        c.header("Retry-After", "1");
         throw new ApiError(
-          "room_exists",
-          `Room "${roomId}" exists; import under another id with ?id=`,
-          { room_id: roomId },
+          "rate_limited",
+          "Another import is running; imports run one at a time: retry in a moment",
         );
       }
-      const room = (await getRoom(db, roomId))!;
-      return c.json(
-        { ...room, token, view_token: viewToken, imported: data.counts },
-        201,
-      );
+      importing = true;
+      try {
+        const token = newToken("room");
+        const viewToken = newToken("view");
+        const data = readExport(await c.req.text(), {
+          id,
+          token_hash: await hashToken(token),
+          view_token_hash: await hashToken(viewToken),
+        });
+        const roomId = data.room.id;
+        if (!(await importRoom(db, data))) {
+          throw new ApiError(
+            "room_exists",
+            `Room "${roomId}" exists; import under another id with ?id=`,
+            { room_id: roomId },
+          );
+        }
+        const room = (await getRoom(db, roomId))!;
+        return c.json(
+          { ...room, token, view_token: viewToken, imported: data.counts },
+          201,
+        );
+      } finally {
+        importing = false;
+      }
     })
     .openapi(routes.listRooms, async (c) => {
       const admin = await isAdmin(

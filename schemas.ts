@@ -669,7 +669,8 @@ function describe(
 }
 
 /** The nesting depth of a JSON value, computed without recursion. */
-function depth(value: unknown): number {
+/** How deep a JSON value nests (stops counting past `MAX_JSON_DEPTH`). */
+export function depth(value: unknown): number {
   let deepest = 0;
   const stack: [unknown, number][] = [[value, 1]];
   while (stack.length > 0) {

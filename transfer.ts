@@ -18,12 +18,21 @@ import {
 import type { Db } from "./driver.ts";
 import type { Row } from "./sqlite.ts";
 import { ApiError } from "./errors.ts";
-import { Id, Json, Key, MAX_ATTEMPTS, Name, parse } from "./schemas.ts";
+import {
+  depth,
+  Id,
+  Json,
+  Key,
+  MAX_ATTEMPTS,
+  MAX_JSON_DEPTH,
+  Name,
+  parse,
+} from "./schemas.ts";
 
 /** The export format's version, on the `room` line. */
 export const FORMAT = 1;
 
-/** Rows read per page of an export (fewer are written when a page is over the cap). */
+/** The most rows one page of an export reads. */
 const PAGE_ROWS = 500;
 
 const iso = (ms: unknown) =>
@@ -106,8 +115,11 @@ export async function* exportRoom(
   const encoder = new TextEncoder();
   for (const table of EXPORTED) {
     let after: InValue[] | null = null;
+    // Rows to read next: as many as the last page's lines suggest fit in
+    // `maxBytes`, so big rows are not read (and held) many more times than written.
+    let rows = 50;
     for (;;) {
-      const page = await exportPage(db, room.id, table, after, PAGE_ROWS);
+      const page = await exportPage(db, room.id, table, after, rows);
       if (page.length === 0) break;
       let chunk = "";
       let bytes = 0;
@@ -122,7 +134,11 @@ export async function* exportRoom(
         written++;
       }
       yield chunk;
-      if (written === page.length && page.length < PAGE_ROWS) break;
+      if (written === page.length && page.length < rows) break;
+      rows = Math.max(
+        1,
+        Math.min(PAGE_ROWS, Math.floor(maxBytes * written / bytes)),
+      );
     }
   }
 }
@@ -243,11 +259,16 @@ export function readExport(
   if (lines.at(-1) === "") lines.pop();
   if (lines.length === 0) throw badLine(1, "the export is empty");
   const values = lines.map((text, i) => {
+    let value: unknown;
     try {
-      return JSON.parse(text) as unknown;
+      value = JSON.parse(text);
     } catch {
       throw badLine(i + 1, "not valid JSON");
     }
+    if (depth(value) > MAX_JSON_DEPTH) {
+      throw badLine(i + 1, `JSON nests deeper than ${MAX_JSON_DEPTH} levels`);
+    }
+    return value;
   });
   const room = parseLine(RoomLine, values[0], 1);
   const agents = new Map<string, z.output<typeof AgentLine>>();
@@ -286,6 +307,13 @@ export function readExport(
         break;
       }
     }
+  });
+  // An export read while the room was written may hold versions written after its
+  // entry was read (or of a key made after): they are left out, so every entry's
+  // version is its newest, as the triggers that keep versions expect.
+  const kept = [...versions.values()].filter((v) => {
+    const entry = state.get(`${v.scope}\n${v.key}`);
+    return entry !== undefined && v.version <= entry.version;
   });
   // Each old id's place in the import; a reply to a message not exported (dropped
   // by retention) is no reply.
@@ -347,7 +375,7 @@ export function readExport(
       e.updated_by,
       e.deleted ? 1 : 0,
     ]),
-    versions: [...versions.values()].map((v) => ({
+    versions: kept.map((v) => ({
       after_message: atOrBefore(v.after_message),
       values: [
         v.scope,
@@ -363,7 +391,7 @@ export function readExport(
       agents: agents.size,
       messages: messages.length,
       state: state.size,
-      state_versions: versions.size,
+      state_versions: kept.length,
     },
   };
 }

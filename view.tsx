@@ -323,6 +323,7 @@ export function RoomPage(props: {
                   close
                 </button>
               </h2>
+              <div id="history-note" class="muted"></div>
               <div class="scroll">
                 <table>
                   <thead>

@@ -452,7 +452,7 @@ function stateRow(s) {
     el(
       "td",
       { class: "mono" },
-      button(s.key, "link key", () => openHistory(s.scope, s.key)),
+      button(s.key, "link key", () => openHistory(s.scope, s.key, s.version)),
     ),
     el("td", {}, body(s.value)),
     version,
@@ -500,18 +500,32 @@ function backToLive() {
   renderState(live.values());
 }
 
+/** The most versions a key's history shows: the newest ones. */
+const HISTORY_SHOWN = 200;
+
 /**
- * Opens the history of a key: every version, who wrote it, when, after which message.
+ * Opens the history of a key: its newest versions, who wrote each, when, after which
+ * message.
  * @param {string} scope
  * @param {string} key
+ * @param {number} version the entry's version as the table shows it
  */
-async function openHistory(scope, key) {
-  const query = new URLSearchParams({ scope, key, limit: "1000" });
+async function openHistory(scope, key, version) {
+  const from = Math.max(0, version - HISTORY_SHOWN);
+  const query = new URLSearchParams({
+    scope,
+    key,
+    after_version: String(from),
+    limit: "1000",
+  });
   const res = await fetch(base + "/state/history?" + query, { headers: auth });
   if (!res.ok) return say("state-note", await failure(res));
   /** @type {Version[]} */
   const versions = await res.json();
   byId("history-key").textContent = `${scope} / ${key}`;
+  byId("history-note").textContent = from > 0
+    ? `the newest ${HISTORY_SHOWN} versions`
+    : "";
   byId("history").replaceChildren(
     ...versions.map((v) =>
       el(

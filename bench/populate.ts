@@ -23,11 +23,17 @@ export function populate(file: string, room: string, count: number): IdRange {
     // A recursive CTE makes the rows inside SQLite: one statement per chunk, not one
     // call from JavaScript per row.
     const insert = db.prepare(
-      `WITH RECURSIVE n(i) AS (SELECT ? UNION ALL SELECT i + 1 FROM n WHERE i < ?)
-       INSERT INTO messages (room_id, from_agent, to_agent, kind, body, created_at)
-       SELECT ?, 'seed', NULL, 'note',
-              json_object('n', i, 'text', 'a pre-populated message'), ? + i
-       FROM n`,
+      `WITH RECURSIVE n(i) AS (SELECT ?1 UNION ALL SELECT i + 1 FROM n WHERE i < ?2)
+       INSERT INTO messages (room_id, from_agent, to_agent, kind, body, created_at,
+         head)
+       SELECT ?3, 'seed', NULL, 'note', body, ?4 + i,
+              -- The stored head, as the service writes it (db.ts, messageHead).
+              trim(json_object('room_id', ?3, 'from_agent', 'seed', 'to_agent', NULL,
+                'kind', 'note', 'body', json(body), 'created_at',
+                strftime('%Y-%m-%dT%H:%M:%fZ', (?4 + i) / 1000.0, 'unixepoch'),
+                'reply_to', NULL), '{}')
+       FROM (SELECT i, json_object('n', CAST(i AS INTEGER), 'text', 'a pre-populated message') AS body
+             FROM n)`,
     );
     for (let from = 0; from < count; from += CHUNK) {
       const to = Math.min(count, from + CHUNK) - 1;

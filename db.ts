@@ -574,7 +574,7 @@ function insertMessageStatement(
  * from `room_id` to `reply_to`, in `toMessage`'s order, without braces. `body` is its
  * JSON text as stored.
  */
-export function messageHead(
+function messageHead(
   roomId: string,
   m: {
     from_agent: string | null;

@@ -166,32 +166,34 @@ export function listen(
   };
 
   /**
-   * Answers 503 and closes. Closing a socket with the client's request unread would
-   * reset it, and the client would lose the answer with it: the request is read
-   * (for at most a second, with a few refusals at a time) before closing.
+   * Answers 503 and closes. The answer waits for the start of the request (an HTTP
+   * client takes an answer that comes before its request for a broken connection),
+   * and the rest of the request is read before closing (closing with it unread
+   * would reset the socket, and the client would lose the answer): at most a second
+   * in all, with a few refusals at a time; past that, the connection is just closed.
    */
   let lingering = 0;
   const refuse = async (conn: Deno.Conn) => {
-    try {
-      await conn.write(
-        new TextEncoder().encode(
-          unavailable(errorBody("", overCapacityError(max))),
-        ),
-      );
-      if (lingering < MAX_LINGERING) {
-        lingering++;
-        try {
+    if (lingering < MAX_LINGERING) {
+      lingering++;
+      const timer = setTimeout(() => conn.close(), LINGER_MS);
+      try {
+        const scrap = new Uint8Array(4096);
+        if (await conn.read(scrap) !== null) {
+          await conn.write(
+            new TextEncoder().encode(
+              unavailable(errorBody("", overCapacityError(max))),
+            ),
+          );
           await conn.closeWrite();
-          const timer = setTimeout(() => conn.close(), LINGER_MS);
-          const scrap = new Uint8Array(4096);
           while (await conn.read(scrap) !== null);
-          clearTimeout(timer);
-        } finally {
-          lingering--;
         }
+      } catch {
+        // The client went away, or the second ran out.
+      } finally {
+        clearTimeout(timer);
+        lingering--;
       }
-    } catch {
-      // The client went away, or the linger ran out.
     }
     try {
       conn.close();

@@ -9,7 +9,7 @@ import {
 } from "@libsql/core/api";
 
 import type { Db } from "./driver.ts";
-import type { Row } from "./sqlite.ts";
+import type { Driver, Row } from "./sqlite.ts";
 
 /**
  * What a write changed, reported after it commits to whoever watches the database
@@ -1274,112 +1274,133 @@ export type WriteResult =
     current: StateEntry | null;
   };
 
+/** The key a write names, as a join condition on `state`. */
+const KEY_ROW =
+  "state.room_id = :room AND state.scope = :scope AND state.key = :key";
+
+/** The key's row is there and live (false, not NULL, when there is no row). */
+const LIVE_ROW = `(state.version IS NOT NULL AND NOT ${EXPIRED})`;
+
 /**
- * The single SQL statement of a write, and whether it is conditional: a conditional
- * statement that changes no row has been refused (`changes() = 0`).
+ * The rules of a state write, written once: an SQL expression over the key's row
+ * (`state.*`, all NULL when the key has no row) that names the refusal, or is NULL
+ * when the write may go ahead. A write tests it in its WHERE, a batch in its guards,
+ * and a write that changed nothing asks it why. Null: the write cannot be refused.
+ */
+function rules(
+  op: StateWrite,
+): { sql: string; args: Record<string, InValue> } | null {
+  const cases: string[] = [];
+  const args: Record<string, InValue> = {};
+  if (op.if_version !== undefined) {
+    cases.push(
+      `WHEN CASE WHEN ${LIVE_ROW} THEN state.version ELSE 0 END != :if_version
+         THEN 'version_conflict'`,
+    );
+    args.if_version = op.if_version;
+  }
+  if (op.increment !== undefined) {
+    // Not abs(): the exact sum -2^63 makes SQLite's abs() fail with an overflow.
+    cases.push(
+      `WHEN ${LIVE_ROW} AND NOT ${NUMERIC} THEN 'not_a_number'`,
+      `WHEN ${LIVE_ROW} AND NOT (${SUM} BETWEEN -${MAX_DOUBLE} AND ${MAX_DOUBLE})
+         THEN 'out_of_range'`,
+    );
+    args.value = operand(op);
+  }
+  if (cases.length === 0) return null;
+  return { sql: `CASE ${cases.join(" ")} END`, args };
+}
+
+/** The sum of an increment over the key's row. */
+const SUM = "(json_extract(state.value, '$') + :value)";
+
+/** The `:value` of a write: the JSON text, or the increment as SQLite adds it. */
+function operand(op: StateWrite): InValue {
+  if (op.increment === undefined) return JSON.stringify(op.value);
+  // A whole number goes in as an integer, so integer counters add exactly.
+  return Number.isSafeInteger(op.increment)
+    ? BigInt(op.increment)
+    : op.increment;
+}
+
+/**
+ * The single SQL statement of a write. It changes nothing when `rules` refuse it; a
+ * put returns the entry written, a delete `live` when it deleted a live entry.
  */
 function stateStatement(
   roomId: string,
   op: StateWrite,
   now: number,
-): { stmt: InStatement; conditional: boolean } {
+): InStatement {
+  const rule = rules(op);
   const args = {
     room: roomId,
     scope: op.scope,
     key: op.key,
     now,
     by: op.by ?? null,
+    ...rule?.args,
   };
-  const pk = "room_id = :room AND scope = :scope AND key = :key";
+  const allowed = rule === null ? "1" : `(${rule.sql}) IS NULL`;
   if (op.delete) {
-    if (op.if_version === 0) {
-      // "Only if absent": nothing to delete; a live entry refuses (checked after).
-      return {
-        stmt: { sql: "SELECT 0 AS live WHERE 0", args: {} },
-        conditional: false,
-      };
-    }
     // A tombstone: the next version, deleted, expired now (see schema.sql).
     return {
-      stmt: {
-        sql: `UPDATE state SET version = version + 1, deleted = 1,
-                updated_at = :now, expires_at = :now, updated_by = :by
-              WHERE ${pk} AND NOT ${EXPIRED}${
-          op.if_version === undefined ? "" : " AND version = :if_version"
-        } RETURNING 1 AS live`,
-        args: op.if_version === undefined
-          ? args
-          : { ...args, if_version: op.if_version },
-      },
-      conditional: op.if_version !== undefined,
+      sql: `UPDATE state SET version = version + 1, deleted = 1,
+              updated_at = :now, expires_at = :now, updated_by = :by
+            WHERE ${KEY_ROW} AND ${LIVE_ROW} AND ${allowed}
+            RETURNING 1 AS live`,
+      args,
     };
   }
-  const expires = op.ttl === undefined ? null : now + millis(op.ttl);
-  let absent = ":value";
-  let fromCurrent = ":value";
-  const conditions: string[] = [];
-  let operand: InValue;
-  if (op.increment !== undefined) {
-    const sum = "(json_extract(state.value, '$') + :value)";
-    absent = numberText("(0 + :value)");
-    fromCurrent = numberText(sum);
-    // Not abs(): the exact sum -2^63 makes SQLite's abs() fail with an overflow.
-    conditions.push(
-      NUMERIC,
-      `${sum} BETWEEN -${MAX_DOUBLE} AND ${MAX_DOUBLE}`,
-    );
-    // A whole number goes in as an integer, so integer counters add exactly.
-    operand = Number.isSafeInteger(op.increment)
-      ? BigInt(op.increment)
-      : op.increment;
-  } else if (op.merge) {
-    absent = "json_patch('{}', :value)";
-    fromCurrent = "json_patch(state.value, :value)";
-    operand = JSON.stringify(op.value);
-  } else {
-    operand = JSON.stringify(op.value);
-  }
-  const all = { ...args, value: operand, expires };
-  if (op.if_version !== undefined && op.if_version > 0) {
-    return {
-      stmt: {
-        sql: `UPDATE state SET value = ${fromCurrent}, version = version + 1,
-                updated_at = :now, expires_at = :expires, updated_by = :by
-              WHERE ${pk} AND version = :if_version AND NOT ${EXPIRED}
-                ${conditions.map((c) => `AND ${c}`).join(" ")}
-              RETURNING ${STATE_COLUMNS}`,
-        args: { ...all, if_version: op.if_version },
-      },
-      conditional: true,
-    };
-  }
-  // No if_version: any live value (numeric, for an increment); if_version 0: only an
-  // absent one. A deleted or expired entry is replaced as if absent; its versions go
-  // on (after an expiry by two: the expiry is a version of its own, schema.sql).
-  const when = op.if_version === 0
-    ? EXPIRED
-    : conditions.length > 0
-    ? `(${EXPIRED} OR ${conditions.join(" AND ")})`
-    : "1";
+  const [absent, fromCurrent] = op.increment !== undefined
+    ? [numberText("(0 + :value)"), numberText(SUM)]
+    : op.merge
+    ? ["json_patch('{}', :value)", "json_patch(state.value, :value)"]
+    : [":value", ":value"];
+  // The key's row is read once, by the SELECT, and the rules judged there. A deleted
+  // or expired entry is replaced as if absent; its versions go on (after an expiry by
+  // two: the expiry is a version of its own, schema.sql).
   return {
-    stmt: {
-      sql: `INSERT INTO state (room_id, scope, key, value, version, updated_at,
-              expires_at, updated_by)
-            VALUES (:room, :scope, :key, ${absent}, 1, :now, :expires, :by)
-            ON CONFLICT (room_id, scope, key) DO UPDATE SET
-              value = CASE WHEN ${EXPIRED} THEN excluded.value ELSE ${fromCurrent} END,
-              version = state.version +
-                CASE WHEN ${EXPIRED} AND NOT state.deleted THEN 2 ELSE 1 END,
-              deleted = 0,
-              updated_at = excluded.updated_at,
-              expires_at = excluded.expires_at,
-              updated_by = excluded.updated_by
-            WHERE ${when}
-            RETURNING ${STATE_COLUMNS}`,
-      args: all,
+    sql: `INSERT INTO state (room_id, scope, key, value, version, updated_at,
+            expires_at, updated_by)
+          SELECT :room, :scope, :key, ${absent}, 1, :now, :expires, :by
+            FROM (SELECT 1) LEFT JOIN state ON ${KEY_ROW}
+            WHERE ${allowed}
+          ON CONFLICT (room_id, scope, key) DO UPDATE SET
+            value = CASE WHEN ${EXPIRED} THEN excluded.value ELSE ${fromCurrent} END,
+            version = state.version +
+              CASE WHEN ${EXPIRED} AND NOT state.deleted THEN 2 ELSE 1 END,
+            deleted = 0,
+            updated_at = excluded.updated_at,
+            expires_at = excluded.expires_at,
+            updated_by = excluded.updated_by
+          RETURNING ${STATE_COLUMNS}`,
+    args: {
+      ...args,
+      value: operand(op),
+      expires: op.ttl === undefined ? null : now + millis(op.ttl),
     },
-    conditional: when !== "1",
   };
+}
+
+/** Why `rules` refuse a write now (`reason`, NULL if they do not), and the live entry. */
+function whyStatement(
+  roomId: string,
+  op: StateWrite,
+  now: number,
+): InStatement {
+  const rule = rules(op);
+  return {
+    sql: `SELECT ${rule?.sql ?? "NULL"} AS reason, ${LIVE_ROW} AS live,
+            ${STATE_COLUMNS} FROM (SELECT 1) LEFT JOIN state ON ${KEY_ROW}`,
+    args: { room: roomId, scope: op.scope, key: op.key, now, ...rule?.args },
+  };
+}
+
+/** The live entry a `whyStatement` read, or null. */
+function liveEntry(row: Row): StateEntry | null {
+  return row.live ? toStateEntry(row) : null;
 }
 
 /** Publishes the event of a state write that succeeded. */
@@ -1398,21 +1419,6 @@ function publishState(
   });
 }
 
-/** Turns a statement's result rows into the write's result, or null when refused. */
-function writeOutcome(op: StateWrite, rows: Row[]): WriteResult | null {
-  if (op.delete) {
-    if (op.if_version !== undefined && op.if_version > 0 && rows.length === 0) {
-      return null;
-    }
-    return {
-      ok: true,
-      entry: null,
-      deleted: rows.length > 0 && Boolean(rows[0].live),
-    };
-  }
-  return rows.length > 0 ? { ok: true, entry: toStateEntry(rows[0]) } : null;
-}
-
 /** Applies one write atomically (compare-and-set and arithmetic happen in SQL). */
 export async function writeState(
   db: Db,
@@ -1420,47 +1426,28 @@ export async function writeState(
   op: StateWrite,
 ): Promise<WriteResult> {
   const now = Date.now();
-  const { stmt } = stateStatement(roomId, op, now);
-  const rows = (await (await db.client()).execute(stmt)).rows;
-  let result = writeOutcome(op, rows);
-  if (result === null || (op.delete && op.if_version === 0)) {
-    const current = await getState(db, roomId, op.scope, op.key);
-    result = result ?? refusal(op, current);
-    if (op.delete && op.if_version === 0 && current !== null) {
-      result = refusal(op, current);
+  const client = await db.client();
+  const [row] = (await client.execute(stateStatement(roomId, op, now))).rows;
+  let result: WriteResult;
+  if (row !== undefined) {
+    result = op.delete
+      ? { ok: true, entry: null, deleted: true }
+      : { ok: true, entry: toStateEntry(row) };
+  } else {
+    const [why] = (await client.execute(whyStatement(roomId, op, now))).rows;
+    const current = liveEntry(why);
+    if (why.reason !== null) {
+      result = { ok: false, reason: why.reason as Refusal, current };
+    } else if (op.delete && !op.if_version) {
+      // Nothing live to delete, and nothing asked of it.
+      result = { ok: true, entry: null, deleted: false };
+    } else {
+      // Refused when written, allowed now: the entry changed in between.
+      result = { ok: false, reason: "version_conflict", current };
     }
   }
   publishState(db, roomId, op, result);
   return result;
-}
-
-/** Why a write was refused, given the entry as it is now. */
-function refusal(op: StateWrite, current: StateEntry | null): WriteResult {
-  return {
-    ok: false,
-    // The statement refused it; if the entry has changed since, it was the version.
-    reason: judge(op, current) ?? "version_conflict",
-    current,
-  };
-}
-
-/**
- * The rules of a state write, in JavaScript: why `op` would be refused over `entry`
- * (null: absent), if it would. The SQL of `stateStatement` enforces them atomically;
- * this tells which one a refusal broke, and lists every conflict of a batch before
- * anything is written (`simulate`).
- */
-function judge(
-  op: StateWrite,
-  entry: { version: number; value: unknown } | null,
-): Refusal | undefined {
-  if (op.if_version !== undefined && op.if_version !== (entry?.version ?? 0)) {
-    return "version_conflict";
-  }
-  if (op.increment === undefined || entry === null) return undefined;
-  if (typeof entry.value !== "number") return "not_a_number";
-  if (!Number.isFinite(entry.value + op.increment)) return "out_of_range";
-  return undefined;
 }
 
 // ---- batches ----
@@ -1491,14 +1478,24 @@ export type BatchResult =
 /** Fails (NOT NULL) when the statement before it changed no row: see schema.sql. */
 const GUARD = "INSERT INTO batch_guard (ok) SELECT NULL WHERE changes() = 0";
 
+/** Fails (NOT NULL) when `rules` refuse the write: see schema.sql. */
+function ruleGuard(roomId: string, op: StateWrite, now: number): InStatement {
+  const rule = rules(op)!;
+  return {
+    sql: `INSERT INTO batch_guard (ok) SELECT NULL
+            FROM (SELECT 1) LEFT JOIN state ON ${KEY_ROW}
+            WHERE (${rule.sql}) IS NOT NULL`,
+    args: { room: roomId, scope: op.scope, key: op.key, now, ...rule.args },
+  };
+}
+
 /** How often a batch is tried again when a concurrent write beats it between read and write. */
 const BATCH_ATTEMPTS = 5;
 
 /**
- * Applies state writes and message appends all-or-nothing in one transaction. The
- * writes are first checked against the current entries (so every conflict is listed);
- * the transaction then re-checks each condition in SQL, and if a concurrent write got
- * in between, the whole batch rolls back and is checked again.
+ * Applies state writes and message appends all-or-nothing in one transaction, each
+ * write guarded by its rules. When a guard refuses, nothing is written, and the
+ * batch is played once more in a savepoint that is undone, to list every conflict.
  */
 export async function applyBatch(
   db: Db,
@@ -1510,35 +1507,18 @@ export async function applyBatch(
   const client = await db.client();
   for (let attempt = 1;; attempt++) {
     const now = Date.now();
-    const replies = [...new Set(messages.flatMap((m) => m.reply_to ?? []))];
-    const [current, existing] = await Promise.all([
-      entriesOf(db, roomId, ops, now),
-      existingMessageIds(db, roomId, replies),
-    ]);
-    const missing = replies.find((id) => !existing.has(id));
-    if (missing !== undefined) return { ok: false, missing_reply_to: missing };
-    const conflicts = simulate(ops, current);
-    if (conflicts.length > 0) return { ok: false, conflicts };
-
     const stmts: InStatement[] = idempotency === undefined
       ? []
       : takeKeyStatements(roomId, idempotency, now);
     const opAt: number[] = [];
     const guards = new Set<number>();
     for (const op of ops) {
-      const { stmt, conditional } = stateStatement(roomId, op, now);
-      opAt.push(stmts.length);
-      stmts.push(stmt);
-      if (conditional) guards.add(stmts.length), stmts.push(GUARD);
-      if (op.delete && op.if_version === 0) {
+      if (rules(op) !== null) {
         guards.add(stmts.length);
-        stmts.push({
-          sql:
-            `INSERT INTO batch_guard (ok) SELECT NULL WHERE EXISTS (SELECT 1 FROM state
-                WHERE room_id = :room AND scope = :scope AND key = :key AND ${LIVE})`,
-          args: { room: roomId, scope: op.scope, key: op.key, now },
-        });
+        stmts.push(ruleGuard(roomId, op, now));
       }
+      opAt.push(stmts.length);
+      stmts.push(stateStatement(roomId, op, now));
     }
     const messageAt: number[] = [];
     for (const m of messages) {
@@ -1553,21 +1533,27 @@ export async function applyBatch(
       const index = error instanceof LibsqlBatchError
         ? error.statementIndex
         : -1;
-      if (guards.has(index) && attempt < BATCH_ATTEMPTS) continue;
-      if (guards.has(index)) {
-        // Beaten by concurrent writes on every attempt: no conflict to name, a race.
-        return { ok: false, conflicts: [] };
+      if (!guards.has(index)) throw error;
+      const replies = [...new Set(messages.flatMap((m) => m.reply_to ?? []))];
+      const existing = await existingMessageIds(db, roomId, replies);
+      const missing = replies.find((id) => !existing.has(id));
+      if (missing !== undefined) {
+        return { ok: false, missing_reply_to: missing };
       }
-      throw error;
+      const conflicts = await conflictsOf(client, roomId, ops);
+      if (conflicts.length > 0) return { ok: false, conflicts };
+      // Beaten by a concurrent write; on the last attempt, a race with no conflict to name.
+      if (attempt < BATCH_ATTEMPTS) continue;
+      return { ok: false, conflicts: [] };
     }
     const state = ops.map((op, i): BatchStateResult => {
-      const outcome = writeOutcome(op, results[opAt[i]].rows);
-      if (outcome?.ok && outcome.entry) return outcome.entry;
+      const [row] = results[opAt[i]].rows;
+      if (!op.delete) return toStateEntry(row);
       return {
         room_id: roomId,
         scope: op.scope,
         key: op.key,
-        deleted: Boolean(outcome?.ok && outcome.deleted),
+        deleted: row !== undefined,
       };
     });
     const appended = messageAt.map((at) => toMessage(results[at].rows[0], now));
@@ -1589,34 +1575,40 @@ export async function applyBatch(
   }
 }
 
-/** A key as a batch finds it: its entry, and whether that is live, or expired by TTL. */
-type Found = { entry: StateEntry; live: boolean; expired: boolean };
-
-/** The entries of the keys the writes touch (live or not), by `scope\nkey`. */
-async function entriesOf(
-  db: Db,
+/**
+ * Every write of a batch that its rules refuse, played in order (a refused write is
+ * left out, as it would be) inside a savepoint that is then undone. A conflict's
+ * `current` is the entry as it is in the database, before the batch.
+ */
+async function conflictsOf(
+  client: Driver,
   roomId: string,
   ops: StateWrite[],
-  now: number,
-): Promise<Map<string, Found>> {
-  const entries = new Map<string, Found>();
-  if (ops.length === 0) return entries;
-  const rows = await all(db, {
-    sql: `SELECT ${STATE_COLUMNS}, deleted FROM state WHERE room_id = ?
-          AND (scope, key) IN (VALUES ${ops.map(() => "(?, ?)").join(", ")})`,
-    args: [roomId, ...ops.flatMap((op) => [op.scope, op.key])],
-  });
-  for (const row of rows) {
-    const entry = toStateEntry(row);
-    const live = !row.deleted &&
-      (row.expires_at === null || Number(row.expires_at) > now);
-    entries.set(`${entry.scope}\n${entry.key}`, {
-      entry,
-      live,
-      expired: !live && !row.deleted,
-    });
+): Promise<Conflict[]> {
+  const now = Date.now();
+  const stmts: InStatement[] = ["SAVEPOINT dry_run"];
+  for (const op of ops) {
+    stmts.push(whyStatement(roomId, op, now), stateStatement(roomId, op, now));
   }
-  return entries;
+  stmts.push("ROLLBACK TO dry_run", "RELEASE dry_run");
+  const results = await client.batch(stmts, "write");
+  const before = new Map<string, StateEntry | null>();
+  const conflicts: Conflict[] = [];
+  ops.forEach((op, index) => {
+    const [why] = results[1 + 2 * index].rows;
+    const id = `${op.scope}\n${op.key}`;
+    if (!before.has(id)) before.set(id, liveEntry(why));
+    if (why.reason === null) return;
+    conflicts.push({
+      index,
+      scope: op.scope,
+      key: op.key,
+      reason: why.reason as Refusal,
+      expected_version: op.if_version ?? null,
+      current: before.get(id)!,
+    });
+  });
+  return conflicts;
 }
 
 /** Which of these message ids exist in the room. */
@@ -1633,88 +1625,6 @@ async function existingMessageIds(
     args: [roomId, ...ids],
   });
   return new Set(rows.map((row) => Number(row.id)));
-}
-
-/**
- * Plays the writes over the current entries in order and lists those that would be
- * refused. A conflict's `current` is the entry as it is in the database (nothing of
- * the batch is written), even when earlier writes of the batch touched the key.
- */
-function simulate(
-  ops: StateWrite[],
-  found: Map<string, Found>,
-): Conflict[] {
-  type Played = {
-    version: number;
-    value: unknown;
-    live: boolean;
-    expired: boolean;
-  };
-  const played = new Map<string, Played>(
-    [...found].map(([id, { entry, live, expired }]) => [id, {
-      version: entry.version,
-      value: entry.value,
-      live,
-      expired,
-    }]),
-  );
-  const current = (id: string) => {
-    const at = found.get(id);
-    return at?.live ? at.entry : null;
-  };
-  const conflicts: Conflict[] = [];
-  ops.forEach((op, index) => {
-    const id = `${op.scope}\n${op.key}`;
-    const was = played.get(id);
-    const now = was?.live ? was : null;
-    const refuse = (reason: Refusal) =>
-      conflicts.push({
-        index,
-        scope: op.scope,
-        key: op.key,
-        reason,
-        expected_version: op.if_version ?? null,
-        current: current(id),
-      });
-    const refused = judge(op, now);
-    if (refused) return refuse(refused);
-    // The versions go on as the SQL takes them (stateStatement).
-    if (op.delete) {
-      if (now) {
-        played.set(id, {
-          ...now,
-          version: now.version + 1,
-          live: false,
-          expired: false,
-        });
-      }
-      return;
-    }
-    const value = op.increment !== undefined
-      ? ((now?.value as number | undefined) ?? 0) + op.increment
-      : op.merge
-      ? mergePatch(now?.value, op.value)
-      : op.value;
-    const version = (was?.version ?? 0) + (was?.expired ? 2 : 1);
-    played.set(id, { value, version, live: true, expired: false });
-  });
-  return conflicts;
-}
-
-/** RFC 7386 JSON Merge Patch, as SQLite's json_patch applies it. */
-function mergePatch(target: unknown, patch: unknown): unknown {
-  if (patch === null || typeof patch !== "object" || Array.isArray(patch)) {
-    return patch;
-  }
-  const result: Record<string, unknown> =
-    target !== null && typeof target === "object" && !Array.isArray(target)
-      ? { ...target as Record<string, unknown> }
-      : {};
-  for (const [key, value] of Object.entries(patch)) {
-    if (value === null) delete result[key];
-    else result[key] = mergePatch(result[key], value);
-  }
-  return result;
 }
 
 // ---- idempotency ----

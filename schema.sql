@@ -103,8 +103,8 @@ CREATE TABLE IF NOT EXISTS idempotency (
 
 CREATE INDEX IF NOT EXISTS idempotency_by_age ON idempotency (created_at);
 
--- Never holds a row: a batch inserts NULL here when a conditional write changed
--- nothing, and the NOT NULL failure rolls the whole batch back.
+-- Never holds a row: a batch inserts NULL here when a write's rules refuse it (or a
+-- statement it needed changed nothing), and the NOT NULL failure rolls it all back.
 CREATE TABLE IF NOT EXISTS batch_guard (ok INTEGER NOT NULL) STRICT;
 
 -- Posting a message counts as being seen (max: instances' clocks may differ a little).

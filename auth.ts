@@ -10,9 +10,12 @@
  *   writes only its own scope and `_shared`. A view token never writes.
  * - `SYNC_ADMIN_TOKEN` (if set) acts as the admin of every room and lists locked rooms.
  */
+import type { Context } from "hono";
+import { createMiddleware } from "hono/factory";
 import {
   type Agent,
   agentByToken,
+  findRoom,
   getAgent,
   insertAgent,
   type Room,
@@ -20,8 +23,8 @@ import {
   updateAgent,
 } from "./db.ts";
 import { type Db } from "./driver.ts";
-import { agentNotFound, ApiError } from "./errors.ts";
-import type { RegisterAgent } from "./schemas.ts";
+import { agentNotFound, ApiError, roomNotFound } from "./errors.ts";
+import { Id, parse, type RegisterAgent } from "./schemas.ts";
 
 const SYNC_ADMIN_TOKEN = Deno.env.get("SYNC_ADMIN_TOKEN") || undefined;
 // It opens every room; one short enough to guess would open them to anyone.
@@ -202,6 +205,60 @@ export function mayWriteScope(room: Room, caller: Caller, scope: string): void {
     `Agent "${caller.id}" writes only its own scope and "_shared" in a locked room, not "${scope}"`,
     { field: "scope", agent: caller.id },
   );
+}
+
+/** What a room route knows once `inRoom` has let its request in. */
+export type RoomEnv = {
+  Variables: {
+    room: Room;
+    caller: Caller;
+    /** The highest message id retention dropped from the room (0: none). */
+    dropped: number;
+  };
+};
+
+/**
+ * The room routes' access: `admit` finds the room and who a request with this
+ * Authorization header acts as in it, once it may read the room (else 404, 401 or
+ * 403); `inRoom` does that for the room in the path and sets `c.var`; `writer`, after
+ * it, checks that the caller may write; `readable` checks again during a held request
+ * (the room deleted, a token rotated). A token that proves itself is told to `trust`
+ * (the rate limit counts it as itself from then on, not as its address).
+ */
+export function roomAccess(
+  db: Db,
+  adminToken: string | undefined,
+  trust?: (token: string) => Promise<void>,
+) {
+  async function admit(id: string, authorization: string | undefined) {
+    const found = await findRoom(db, id);
+    if (!found) throw roomNotFound(id);
+    const token = bearer(authorization);
+    const caller = await identify(db, found, token, adminToken);
+    mayRead(found.room, caller);
+    if (token !== undefined) await trust?.(token);
+    return { room: found.room, caller, dropped: found.dropped_through };
+  }
+  const pathRoom = (c: Context) =>
+    admit(
+      parse(Id, c.req.param("id"), "room id"),
+      c.req.header("authorization"),
+    );
+  return {
+    admit,
+    inRoom: createMiddleware<RoomEnv>(async (c, next) => {
+      const { room, caller, dropped } = await pathRoom(c);
+      c.set("room", room);
+      c.set("caller", caller);
+      c.set("dropped", dropped);
+      await next();
+    }),
+    readable: async (c: Context) => void await pathRoom(c),
+    writer: createMiddleware<RoomEnv>(async (c, next) => {
+      mayWrite(c.var.room, c.var.caller);
+      await next();
+    }),
+  };
 }
 
 /**

@@ -2,7 +2,7 @@
  * The rate limit: a token bucket per client (a proven bearer token, else the address),
  * and a ceiling per address over all its tokens, so minting tokens (or rooms, which
  * are charged to the address) buys no more. Hand-written (a few lines) because the Hono
- * rate limiters count fixed windows, and the spec asks for a steady rate with a burst
+ * rate limiters count fixed windows, and a client should get a steady rate with a burst
  * allowance. Behind a reverse proxy, `TRUST_PROXY` says which `X-Forwarded-For` entry
  * is the client.
  */

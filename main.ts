@@ -8,7 +8,6 @@ import type { Context, TypedResponse } from "hono";
 import { bodyLimit } from "hono/body-limit";
 import { every } from "hono/combine";
 import { cors } from "hono/cors";
-import { createMiddleware } from "hono/factory";
 import { NONCE, secureHeaders } from "hono/secure-headers";
 import {
   applyBatch,
@@ -17,7 +16,6 @@ import {
   createRoom,
   deleteRoom,
   earliestId,
-  findRoom,
   getRoom,
   IDEMPOTENCY_TTL_MS,
   importRoom,
@@ -30,7 +28,6 @@ import {
   type NewMessage,
   recentMessages,
   releaseMessage,
-  type Room,
   stateAt,
   type StateEntry,
   stateHistory,
@@ -44,14 +41,13 @@ import {
   bearer,
   type Caller,
   hashToken,
-  identify,
   isAdmin,
   mayAdminister,
-  mayRead,
-  mayWrite,
   mayWriteScope,
   newToken,
   registerAgent,
+  roomAccess,
+  type RoomEnv,
 } from "./auth.ts";
 import { skill, usage } from "./docs.ts";
 import {
@@ -76,17 +72,14 @@ import {
   originOf,
   refused,
   replyNotFound,
-  roomNotFound,
 } from "./errors.ts";
 import {
   bodyWithin,
-  Id,
   jsonBody,
   MAX_BATCH,
   MAX_JSON_DEPTH,
   MAX_MESSAGES_PER_READ,
   MAX_WAIT_SECONDS,
-  parse,
   type PostMessage,
   refuseInvalid,
   SHARED,
@@ -185,15 +178,6 @@ export type AppOptions = {
   maxImportBytes?: number;
 };
 
-type RoomEnv = {
-  Variables: {
-    room: Room;
-    caller: Caller;
-    /** The highest message id retention dropped from the room (0: none). */
-    dropped: number;
-  };
-};
-
 /**
  * The viewer's headers: its one inline script runs by nonce, nothing else may; no
  * sniffing, no referrer (a locked room's URL carries its token in the fragment).
@@ -278,49 +262,11 @@ export function createApp(options: AppOptions) {
     );
   };
 
-  /**
-   * Loads the room named in the path into `c.var.room` (or answers 404), and who the
-   * request acts as into `c.var.caller`; then checks that the caller may read it.
-   */
-  const inRoom = createMiddleware<RoomEnv>(async (c, next) => {
-    const id = parse(Id, c.req.param("id"), "room id");
-    const { room, caller, dropped } = await admit(
-      id,
-      c.req.header("authorization"),
-    );
-    c.set("room", room);
-    c.set("caller", caller);
-    c.set("dropped", dropped);
-    await next();
-  });
-
-  /** Throws unless the request may still read its room (deleted, token rotated). */
-  const readable = async (c: Context) => {
-    await admit(
-      parse(Id, c.req.param("id"), "room id"),
-      c.req.header("authorization"),
-    );
-  };
-
-  /**
-   * The room and who a request with this Authorization header acts as in it, once it
-   * may read the room (else 404, 401 or 403). A token that proves itself here counts
-   * for the rate limit as itself from then on, not as its address.
-   */
-  async function admit(id: string, authorization: string | undefined) {
-    const found = await findRoom(db, id);
-    if (!found) throw roomNotFound(id);
-    const token = bearer(authorization);
-    const caller = await identify(db, found, token, adminToken);
-    mayRead(found.room, caller);
-    if (token !== undefined) await limiter?.trust(token);
-    return { room: found.room, caller, dropped: found.dropped_through };
-  }
-  /** After `inRoom`: checks that the caller may write in the room. */
-  const writer = createMiddleware<RoomEnv>(async (c, next) => {
-    mayWrite(c.var.room, c.var.caller);
-    await next();
-  });
+  const { admit, inRoom, readable, writer } = roomAccess(
+    db,
+    adminToken,
+    limiter && ((token) => limiter.trust(token)),
+  );
 
   /** The usage docs, naming this request's host. */
   const docs = (c: Context) => {
@@ -438,7 +384,7 @@ export function createApp(options: AppOptions) {
       try {
         await ping(db);
       } catch (error) {
-        // A file that cannot be opened was said once already (db.ts).
+        // A file that cannot be opened was said once already (driver.ts).
         if (!(error instanceof Error && error.cause instanceof CannotOpen)) {
           console.error("healthz:", error);
         }

@@ -140,7 +140,7 @@ if (import.meta.main) {
   try {
     await db.client();
   } catch (error) {
-    // A file that cannot be opened was said in one line already (db.ts).
+    // A file that cannot be opened was said in one line already (driver.ts).
     if (!(error instanceof Error && error.cause instanceof CannotOpen)) {
       console.error(
         `sync: cannot open the database at ${shown(db.options.url)}: ${

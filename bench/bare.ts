@@ -14,19 +14,16 @@
  */
 import { Hono } from "hono";
 import { type SSEStreamingApi, streamSSE } from "hono/streaming";
+import type { Message as FullMessage } from "../db.ts";
 
 const PORT = Number(Deno.env.get("PORT") ?? "0");
 const HOST = Deno.env.get("HOST") ?? "127.0.0.1";
 
-type Message = {
-  id: number;
-  room_id: string;
-  from_agent: string | null;
-  to_agent: string | null;
-  kind: string;
-  body: unknown;
-  created_at: string;
-};
+/** The seed's message: the service's without threads and tasks. */
+type Message = Pick<
+  FullMessage,
+  "id" | "room_id" | "from_agent" | "to_agent" | "kind" | "body" | "created_at"
+>;
 
 let nextId = 0;
 const waiters = new Map<string, Set<(message: Message) => void>>();

@@ -6,7 +6,7 @@
  * allowance. Behind a reverse proxy, `TRUST_PROXY` says which `X-Forwarded-For` entry
  * is the client.
  */
-import type { Context, MiddlewareHandler } from "hono";
+import type { Context } from "hono";
 import { hashToken } from "./auth.ts";
 import { ApiError } from "./errors.ts";
 
@@ -89,14 +89,19 @@ export class RateLimiter {
     this.#trusted.add(hash);
   }
 
-  /** The middleware that counts and refuses. */
-  readonly middleware: MiddlewareHandler = async (c, next) => {
+  /**
+   * Counts a request, or refuses it (429 `rate_limited`). Synchronous unless the
+   * request carries a token, whose hash says whether it is a trusted client.
+   */
+  count(c: Context): Promise<void> | void {
     // A tool call of the MCP endpoint, made in-process: its request was counted.
-    if ((c.env as { internal?: boolean } | undefined)?.internal) {
-      return await next();
-    }
+    if ((c.env as { internal?: boolean } | undefined)?.internal) return;
     const token = bearerOf(c);
-    const hash = token === undefined ? undefined : await hashToken(token);
+    if (token === undefined) return this.#take(c, undefined);
+    return hashToken(token).then((hash) => this.#take(c, hash));
+  }
+
+  #take(c: Context, hash: string | undefined): void {
     const from = address(c, this.trustProxy);
     // Making a room is charged to the address: new rooms mean new trusted tokens.
     const makesRoom = c.req.method === "POST" && c.req.path === "/rooms";
@@ -129,8 +134,7 @@ export class RateLimiter {
     mine.tokens -= 1;
     ceiling.tokens -= 1;
     if (this.#buckets.size > MAX_BUCKETS) this.#sweep(now);
-    await next();
-  };
+  }
 
   /** The bucket of `key`, refilled for the time since it was last used. */
   #fill(key: string, limit: RateLimit, now: number): Bucket {

@@ -292,15 +292,6 @@ export function createApp(options: AppOptions) {
   const app = new OpenAPIHono<RoomEnv>({ defaultHook: refuseInvalid });
   app.onError(onError)
     .notFound(notFound)
-    // A Host header no URL can hold (`x:99999`): every route would trip on it.
-    .use((c, next) => {
-      if (originOf(c.req.url) !== "") return next();
-      throw new ApiError(
-        "invalid_request",
-        "The Host header is malformed: send a host name or address, and a port from 1 to 65535",
-        { field: "Host" },
-      );
-    })
     // Tokens travel in headers, never cookies, so any origin may call the JSON API.
     .use(cors({
       origin: "*",
@@ -312,16 +303,27 @@ export function createApp(options: AppOptions) {
       ],
       exposeHeaders: ["Retry-After", "Idempotent-Replayed"],
     }))
-    .use(limiter ? limiter.middleware : (_c, next) => next())
-    // Retention sweeps from the first request on (importing the app starts nothing).
-    .use((_c, next) => {
+    // The checks of every request in one middleware (a held request keeps a frame per
+    // middleware): a Host header that a URL can hold (`x:99999` would trip every
+    // route), the rate limit, retention's sweeper (started by the first request:
+    // importing the app starts nothing), and a body within its size and time limits
+    // (an import is a whole room: it has a limit of its own).
+    .use((c, next) => {
+      if (originOf(c.req.url) === "") {
+        throw new ApiError(
+          "invalid_request",
+          "The Host header is malformed: send a host name or address, and a port from 1 to 65535",
+          { field: "Host" },
+        );
+      }
       startSweeping();
-      return next();
-    })
-    // An import is a whole room: it has a size limit of its own.
-    .use((c, next) =>
-      (c.req.path === "/rooms/import" ? importBodies : bodies)(c, next)
-    );
+      const sized = c.req.raw.body === null
+        ? next
+        : () =>
+          (c.req.path === "/rooms/import" ? importBodies : bodies)(c, next);
+      const counted = limiter?.count(c);
+      return counted ? counted.then(sized) : sized();
+    });
   app.use("/", viewerHeaders);
   return app
     // ---- the viewer, and usage for agents ----

@@ -32,6 +32,8 @@ import {
 } from "./processes.ts";
 
 const QUICK = Deno.args.includes("--quick");
+/** `--only=<text>`: run just the cases whose name holds it (e.g. `--only=held`). */
+const ONLY = Deno.args.find((arg) => arg.startsWith("--only="))?.slice(7);
 /** Seconds per throughput case, and of the warm-up before it. */
 const SECONDS = QUICK ? 2 : 5;
 const WARMUP_SECONDS = QUICK ? 0.5 : 1;
@@ -1281,6 +1283,7 @@ async function attempt(
   fn: () => Promise<void>,
   service?: () => Server,
 ): Promise<void> {
+  if (ONLY !== undefined && !name.includes(ONLY)) return;
   try {
     await fn();
   } catch (error) {

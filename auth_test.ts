@@ -3,6 +3,7 @@
  * as, open and locked rooms, room deletion, the rate limit, CORS and the viewer's
  * headers. Every test runs on a fresh database through `app.request()`.
  */
+import { createHash } from "node:crypto";
 import assert from "node:assert/strict";
 import { Db } from "./driver.ts";
 import { notifierOf } from "./waiting.ts";
@@ -117,17 +118,9 @@ const TOKEN = {
   as: /^as_[A-Za-z0-9_-]{43}$/,
 };
 
-/** The hex SHA-256 of a text, computed here rather than with auth.ts. */
-async function sha256Hex(text: string): Promise<string> {
-  const digest = await crypto.subtle.digest(
-    "SHA-256",
-    new TextEncoder().encode(text),
-  );
-  return Array.from(
-    new Uint8Array(digest),
-    (b) => b.toString(16).padStart(2, "0"),
-  )
-    .join("");
+/** The hex SHA-256 of a text, computed here (with node:crypto) rather than with auth.ts. */
+function sha256Hex(text: string): string {
+  return createHash("sha256").update(text).digest("hex");
 }
 
 /** Creates a room and returns its two tokens. */
@@ -152,6 +145,70 @@ async function join(
 ): Promise<string> {
   const reply = await call("POST", `/rooms/${room}/agents`, { body, token });
   return expect(reply, 201).token as string;
+}
+
+/** PUT state in `room` sending `token`; asserts 200. */
+async function putAs(call: Call, room: string, body: Body, token: string) {
+  return expect(
+    await call("PUT", `/rooms/${room}/state`, { body, token }),
+    200,
+  );
+}
+
+/** Re-registers agent "a" of room "r" as `name` with `rotate_token`, sending `token`. */
+async function rotate(call: Call, token: string, name = "A"): Promise<Body> {
+  const body = { id: "a", name, rotate_token: true };
+  return expect(await call("POST", "/rooms/r/agents", { body, token }), 200);
+}
+
+/** The status of agent `id` of room "r", as GET agents shows it. */
+async function statusOf(call: Call, id: string): Promise<unknown> {
+  const agents = (await call("GET", "/rooms/r/agents"))
+    .body as unknown as Body[];
+  return agents.find((agent) => agent.id === id)?.status;
+}
+
+/**
+ * Starts a long-poll of `path` with agent `id`'s token and waits until that agent shows
+ * as waiting; answers the pending poll.
+ */
+async function waitingPoll(
+  { app, call }: Api,
+  path: string,
+  id: string,
+  token: string,
+): Promise<{ poll: Response | Promise<Response> }> {
+  const poll = app.request(path, { headers: headersOf({ token }) });
+  let seen: unknown;
+  for (let i = 0; i < 100 && seen !== "waiting"; i++) {
+    await sleep(10);
+    seen = await statusOf(call, id);
+  }
+  assert.equal(seen, "waiting", `${id} shows as waiting during the wait`);
+  return { poll };
+}
+
+/** Reads the stream of `room` as `token` up to its `ready` event, then lets it go. */
+async function streamToReady(
+  app: App,
+  db: Db,
+  room: string,
+  token: string,
+): Promise<string> {
+  const res = await app.request(`/rooms/${room}/stream`, {
+    headers: headersOf({ token }),
+  });
+  assert.equal(res.status, 200);
+  const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
+  let streamed = "";
+  while (!streamed.includes("event: ready")) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    streamed += value;
+  }
+  await reader.cancel();
+  await settled(db);
+  return streamed;
 }
 
 // ---- the authorization matrix ----
@@ -182,13 +239,7 @@ async function matrixFixture(call: Call, locked: boolean) {
     await call("POST", "/rooms/r/messages", { body: { body: "hi" }, token: a }),
     201,
   );
-  expect(
-    await call("PUT", "/rooms/r/state", {
-      body: { key: "k", value: 1 },
-      token: a,
-    }),
-    200,
-  );
+  await putAs(call, "r", { key: "k", value: 1 }, a);
   const auth: Record<CallerName, string | undefined> = {
     anonymous: undefined,
     view: `Bearer ${r.view}`,
@@ -218,7 +269,25 @@ const READ_OPEN = ["200", "200", "200", "200", "401 invalid_token", "200", "401 
 // deno-fmt-ignore
 const READ_LOCKED = ["401 token_required", "200", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"];
 
-/** The expected outcome of every endpoint for every caller, written out. */
+// Open or locked, only the room and admin tokens may (deleting the room).
+// deno-fmt-ignore
+const ROOM_OR_ADMIN = ["401 token_required", "403 forbidden", "403 forbidden", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"];
+
+/**
+ * A write in an open room: refused to the view token (read-only), `ok` for anonymous,
+ * the room and admin tokens, and `agent` (by default `ok` too) for the agent's token.
+ */
+// deno-fmt-ignore
+function writeOpen(ok: string, agent = ok): string[] {
+  return [ok, "403 read_only", agent, ok, "401 invalid_token", ok, "401 invalid_token", "401 invalid_token"];
+}
+
+/** The same write in a locked room, where a caller without a token is refused first. */
+function writeLocked(ok: string, agent = ok): string[] {
+  return ["401 token_required", ...writeOpen(ok, agent).slice(1)];
+}
+
+/** The expected outcome of every endpoint for every caller; test names spell out each cell. */
 // deno-fmt-ignore
 const MATRIX: Row[] = [
   { name: "GET /rooms/:id", method: "GET", path: () => "/rooms/r", open: READ_OPEN, locked: READ_LOCKED },
@@ -229,70 +298,14 @@ const MATRIX: Row[] = [
   { name: "GET state?key=k", method: "GET", path: () => "/rooms/r/state?key=k", open: READ_OPEN, locked: READ_LOCKED },
   { name: "GET context", method: "GET", path: () => "/rooms/r/context", open: READ_OPEN, locked: READ_LOCKED },
   { name: "GET stream", method: "GET", path: () => "/rooms/r/stream", open: READ_OPEN, locked: READ_LOCKED },
-  {
-    name: "POST messages without from",
-    method: "POST",
-    path: () => "/rooms/r/messages",
-    body: { body: "x" },
-    open: ["201", "403 read_only", "201", "201", "401 invalid_token", "201", "401 invalid_token", "401 invalid_token"],
-    locked: ["401 token_required", "403 read_only", "201", "201", "401 invalid_token", "201", "401 invalid_token", "401 invalid_token"],
-  },
-  {
-    name: "POST messages with from = another agent",
-    method: "POST",
-    path: () => "/rooms/r/messages",
-    body: { from: "b", body: "x" },
-    open: ["201", "403 read_only", "403 identity_mismatch", "201", "401 invalid_token", "201", "401 invalid_token", "401 invalid_token"],
-    locked: ["401 token_required", "403 read_only", "403 identity_mismatch", "201", "401 invalid_token", "201", "401 invalid_token", "401 invalid_token"],
-  },
-  {
-    name: "PUT state in _shared",
-    method: "PUT",
-    path: () => "/rooms/r/state",
-    body: { key: "k", value: 2 },
-    open: ["200", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
-    locked: ["401 token_required", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
-  },
-  {
-    name: "PUT state in the agent's own scope",
-    method: "PUT",
-    path: () => "/rooms/r/state",
-    body: { scope: "a", key: "k", value: 2 },
-    open: ["200", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
-    locked: ["401 token_required", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
-  },
-  {
-    name: "PUT state in another agent's scope",
-    method: "PUT",
-    path: () => "/rooms/r/state",
-    body: { scope: "b", key: "k", value: 2 },
-    open: ["200", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
-    locked: ["401 token_required", "403 read_only", "403 identity_mismatch", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
-  },
-  {
-    name: "DELETE state",
-    method: "DELETE",
-    path: () => "/rooms/r/state",
-    body: { key: "k" },
-    open: ["200", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
-    locked: ["401 token_required", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
-  },
-  {
-    name: "POST batch",
-    method: "POST",
-    path: () => "/rooms/r/batch",
-    body: { state: [{ key: "k2", value: 1 }], messages: [{ body: "x" }] },
-    open: ["200", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
-    locked: ["401 token_required", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
-  },
-  {
-    name: "POST agents with a new id",
-    method: "POST",
-    path: () => "/rooms/r/agents",
-    body: { id: "c", name: "C" },
-    open: ["201", "403 read_only", "201", "201", "401 invalid_token", "201", "401 invalid_token", "401 invalid_token"],
-    locked: ["401 token_required", "403 read_only", "403 forbidden", "201", "401 invalid_token", "201", "401 invalid_token", "401 invalid_token"],
-  },
+  { name: "POST messages without from", method: "POST", path: () => "/rooms/r/messages", body: { body: "x" }, open: writeOpen("201"), locked: writeLocked("201") },
+  { name: "POST messages with from = another agent", method: "POST", path: () => "/rooms/r/messages", body: { from: "b", body: "x" }, open: writeOpen("201", "403 identity_mismatch"), locked: writeLocked("201", "403 identity_mismatch") },
+  { name: "PUT state in _shared", method: "PUT", path: () => "/rooms/r/state", body: { key: "k", value: 2 }, open: writeOpen("200"), locked: writeLocked("200") },
+  { name: "PUT state in the agent's own scope", method: "PUT", path: () => "/rooms/r/state", body: { scope: "a", key: "k", value: 2 }, open: writeOpen("200"), locked: writeLocked("200") },
+  { name: "PUT state in another agent's scope", method: "PUT", path: () => "/rooms/r/state", body: { scope: "b", key: "k", value: 2 }, open: writeOpen("200"), locked: writeLocked("200", "403 identity_mismatch") },
+  { name: "DELETE state", method: "DELETE", path: () => "/rooms/r/state", body: { key: "k" }, open: writeOpen("200"), locked: writeLocked("200") },
+  { name: "POST batch", method: "POST", path: () => "/rooms/r/batch", body: { state: [{ key: "k2", value: 1 }], messages: [{ body: "x" }] }, open: writeOpen("200"), locked: writeLocked("200") },
+  { name: "POST agents with a new id", method: "POST", path: () => "/rooms/r/agents", body: { id: "c", name: "C" }, open: writeOpen("201"), locked: writeLocked("201", "403 forbidden") },
   {
     // Re-registering "a" with a's own token is not joining: SPEC §4 lets an agent's
     // token register it again, locked room or not.
@@ -301,39 +314,12 @@ const MATRIX: Row[] = [
     path: () => "/rooms/r/agents",
     body: { id: "a", name: "A2" },
     open: ["409 agent_exists", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
-    locked: ["401 token_required", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
+    locked: writeLocked("200"),
   },
-  {
-    name: "POST claim without an agent field",
-    method: "POST",
-    path: (mid) => `/rooms/r/messages/${mid}/claim`,
-    body: {},
-    open: ["400 invalid_request", "403 read_only", "200", "400 invalid_request", "401 invalid_token", "400 invalid_request", "401 invalid_token", "401 invalid_token"],
-    locked: ["401 token_required", "403 read_only", "200", "400 invalid_request", "401 invalid_token", "400 invalid_request", "401 invalid_token", "401 invalid_token"],
-  },
-  {
-    name: "POST heartbeat for the agent itself",
-    method: "POST",
-    path: () => "/rooms/r/agents/a/heartbeat",
-    body: { status: "busy" },
-    open: ["200", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
-    locked: ["401 token_required", "403 read_only", "200", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
-  },
-  {
-    name: "POST heartbeat for another agent",
-    method: "POST",
-    path: () => "/rooms/r/agents/b/heartbeat",
-    body: { status: "busy" },
-    open: ["200", "403 read_only", "403 identity_mismatch", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
-    locked: ["401 token_required", "403 read_only", "403 identity_mismatch", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
-  },
-  {
-    name: "DELETE /rooms/:id",
-    method: "DELETE",
-    path: () => "/rooms/r",
-    open: ["401 token_required", "403 forbidden", "403 forbidden", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
-    locked: ["401 token_required", "403 forbidden", "403 forbidden", "200", "401 invalid_token", "200", "401 invalid_token", "401 invalid_token"],
-  },
+  { name: "POST claim without an agent field", method: "POST", path: (mid) => `/rooms/r/messages/${mid}/claim`, body: {}, open: writeOpen("400 invalid_request", "200"), locked: writeLocked("400 invalid_request", "200") },
+  { name: "POST heartbeat for the agent itself", method: "POST", path: () => "/rooms/r/agents/a/heartbeat", body: { status: "busy" }, open: writeOpen("200"), locked: writeLocked("200") },
+  { name: "POST heartbeat for another agent", method: "POST", path: () => "/rooms/r/agents/b/heartbeat", body: { status: "busy" }, open: writeOpen("200", "403 identity_mismatch"), locked: writeLocked("200", "403 identity_mismatch") },
+  { name: "DELETE /rooms/:id", method: "DELETE", path: () => "/rooms/r", open: ROOM_OR_ADMIN, locked: ROOM_OR_ADMIN },
 ];
 
 /** One cell: a fresh database and fixture, one request; "200" or "403 read_only". */
@@ -435,48 +421,26 @@ test("with an agent token, claim and release without agent act as that agent", a
     await call("POST", "/rooms/r/messages", { body: { body: "task" } }),
     201,
   );
-  const claimed = expect(
-    await call("POST", `/rooms/r/messages/${m.id}/claim`, {
-      body: {},
-      token: a,
-    }),
-    200,
-  );
-  assert.equal(claimed.claimed, true);
-  assert.equal((claimed.message as Body).claimed_by, "a");
-  const released = expect(
-    await call("POST", `/rooms/r/messages/${m.id}/release`, {
-      body: {},
-      token: a,
-    }),
-    200,
-  );
-  assert.equal(released.released, true);
-  assert.equal((released.message as Body).claimed_by, null);
+  for (
+    const [action, done, holder] of [
+      ["claim", "claimed", "a"],
+      ["release", "released", null],
+    ] as const
+  ) {
+    const path = `/rooms/r/messages/${m.id}/${action}`;
+    const reply = expect(await call("POST", path, { body: {}, token: a }), 200);
+    assert.equal(reply[done], true);
+    assert.equal((reply.message as Body).claimed_by, holder);
+  }
 });
 
-test("a long-poll with an agent token and no agent parameter shows that agent as waiting", async ({ app, call, db }) => {
+test("a long-poll with an agent token and no agent parameter shows that agent as waiting", async (api) => {
+  const { call, db } = api;
   await createRoom(call, "r");
   const a = await join(call, "r", { id: "a", name: "A" });
   await join(call, "r", { id: "b", name: "B" });
-  const status = async (id: string) => {
-    const agents = (await call("GET", "/rooms/r/agents"))
-      .body as unknown as Body[];
-    return agents.find((agent) => agent.id === id)?.status;
-  };
-  const poll = app.request("/rooms/r/messages?wait=5", {
-    headers: {
-      "content-type": "application/json",
-      authorization: `Bearer ${a}`,
-    },
-  });
-  let seen: unknown;
-  for (let i = 0; i < 100 && seen !== "waiting"; i++) {
-    await sleep(10);
-    seen = await status("a");
-  }
-  assert.equal(seen, "waiting", "a shows as waiting during the wait");
-  assert.equal(await status("b"), "active", "nobody else does");
+  const { poll } = await waitingPoll(api, "/rooms/r/messages?wait=5", "a", a);
+  assert.equal(await statusOf(call, "b"), "active", "nobody else does");
   const posted = expect(
     await call("POST", "/rooms/r/messages", { body: { body: "wake" } }),
     201,
@@ -484,27 +448,24 @@ test("a long-poll with an agent token and no agent parameter shows that agent as
   const res = await poll;
   assert.equal(res.status, 200);
   assert.deepEqual((await res.json()).map((m: Body) => m.id), [posted.id]);
-  assert.equal(await status("a"), "active", "the status comes back after it");
+  assert.equal(
+    await statusOf(call, "a"),
+    "active",
+    "the status comes back after it",
+  );
   await settled(db);
 });
 
-test("a long-poll on a state key with an agent token shows that agent as waiting", async ({ app, call, db }) => {
+test("a long-poll on a state key with an agent token shows that agent as waiting", async (api) => {
+  const { call, db } = api;
   await createRoom(call, "r");
   const a = await join(call, "r", { id: "a", name: "A" });
-  const poll = app.request("/rooms/r/state?key=k&wait=5", {
-    headers: {
-      "content-type": "application/json",
-      authorization: `Bearer ${a}`,
-    },
-  });
-  let seen: unknown;
-  for (let i = 0; i < 100 && seen !== "waiting"; i++) {
-    await sleep(10);
-    const agents = (await call("GET", "/rooms/r/agents"))
-      .body as unknown as Body[];
-    seen = agents[0].status;
-  }
-  assert.equal(seen, "waiting");
+  const { poll } = await waitingPoll(
+    api,
+    "/rooms/r/state?key=k&wait=5",
+    "a",
+    a,
+  );
   expect(
     await call("PUT", "/rooms/r/state", { body: { key: "k", value: 1 } }),
     200,
@@ -677,13 +638,7 @@ test("re-registering with the agent's own token updates it and keeps the token",
 test("re-registering with rotate_token: true gives a new token and retires the old one", async ({ call }) => {
   await createRoom(call, "r");
   const old = await join(call, "r", { id: "a", name: "A" });
-  const body = expect(
-    await call("POST", "/rooms/r/agents", {
-      body: { id: "a", name: "A", rotate_token: true },
-      token: old,
-    }),
-    200,
-  );
+  const body = await rotate(call, old);
   const fresh = body.token as string;
   assert.match(fresh, TOKEN.as);
   assert.notEqual(fresh, old);
@@ -720,13 +675,7 @@ test("re-registering with the room token is 200, and rotate_token then retires t
   assert.equal(kept.name, "A3");
   assert.equal("token" in kept, false);
   expect(await call("GET", "/rooms/r", { token: a }), 200);
-  const rotated = expect(
-    await call("POST", "/rooms/r/agents", {
-      body: { id: "a", name: "A3", rotate_token: true },
-      token: r.room,
-    }),
-    200,
-  );
+  const rotated = await rotate(call, r.room, "A3");
   assert.match(rotated.token as string, TOKEN.as);
   expectError(
     await call("GET", "/rooms/r", { token: a }),
@@ -742,13 +691,7 @@ test("re-registering with the room token is 200, and rotate_token then retires t
 test("re-registering itself in a locked room with the agent's own token is 200", async ({ call }) => {
   const r = await createRoom(call, "r", { locked: true });
   const a = await join(call, "r", { id: "a", name: "A" }, r.room);
-  const body = expect(
-    await call("POST", "/rooms/r/agents", {
-      body: { id: "a", name: "A2", rotate_token: true },
-      token: a,
-    }),
-    200,
-  );
+  const body = await rotate(call, a, "A2");
   assert.equal(body.name, "A2");
   assert.match(body.token as string, TOKEN.as);
 });
@@ -841,149 +784,51 @@ test("a token appears only in the one response that issued it", async ({ app, ca
     201,
   );
   issuer(c.token);
-  const a2 = expect(
-    await call("POST", "/rooms/r/agents", {
-      body: { id: "a", name: "A", rotate_token: true },
-      token: a.token as string,
-    }),
-    200,
-  );
+  const a2 = await rotate(call, a.token as string);
   issuer(a2.token);
   const ta = a2.token as string;
   const tb = b.token as string;
-  expect(
-    await call("POST", "/rooms/r/agents", {
-      body: { id: "a", name: "A" },
-      token: ta,
-    }),
-    200,
-  );
-  expect(
-    await call("POST", "/rooms/r/messages", {
-      body: { body: "hi" },
-      token: ta,
-    }),
-    201,
-  );
-  expect(
-    await call("POST", "/rooms/r/batch", {
-      body: { messages: [{ body: 2 }], state: [{ key: "k", value: 1 }] },
-      token: tb,
-    }),
-    200,
-  );
-  expect(
-    await call("PUT", "/rooms/r/state", {
-      body: { scope: "b", key: "k", value: 2 },
-      token: tb,
-    }),
-    200,
-  );
-  expect(
-    await call("POST", "/rooms/r/agents/a/heartbeat", { body: {}, token: ta }),
-    200,
-  );
-  expect(await call("GET", "/rooms/r", { token: room }), 200);
-  expect(await call("GET", "/rooms/r/agents", { token: view }), 200);
-  expect(await call("GET", "/rooms/r/messages", { token: ta }), 200);
-  expect(await call("GET", "/rooms/r/state", { token: tb }), 200);
-  expect(await call("GET", "/rooms/r/context", { token: room }), 200);
-  expect(
-    await call("GET", "/rooms/s/context", { token: c.token as string }),
-    200,
-  );
-  expect(await call("GET", "/rooms"), 200);
-  expect(await call("GET", "/rooms", { token: ADMIN }), 200);
-  expect(await call("GET", "/limits"), 200);
-  expect(
-    await call("GET", "/?room=r", { headers: { accept: "text/html" } }),
-    200,
-  );
-  expect(
-    await call("GET", "/?room=s", { headers: { accept: "text/html" } }),
-    200,
-  );
-  // Errors, some sending a token that is not the room's: none is echoed back.
-  expectError(
-    await call("POST", "/rooms/r/agents", { body: { id: "a", name: "A" } }),
-    409,
-    "agent_exists",
-  );
-  expectError(
-    await call("POST", "/rooms/r/agents", {
-      body: { id: "a", name: "A" },
-      token: tb,
-    }),
-    409,
-    "agent_exists",
-  );
-  expectError(
-    await call("GET", "/rooms/r", { token: s.token as string }),
-    401,
-    "invalid_token",
-  );
-  expectError(
-    await call("GET", "/rooms/r", { token: a.token as string }),
-    401,
-    "invalid_token",
-  );
-  expectError(
-    await call("GET", "/rooms/s", { token: ta }),
-    401,
-    "invalid_token",
-  );
-  expectError(await call("GET", "/rooms/s"), 401, "token_required");
-  expectError(
-    await call("POST", "/rooms/r/messages", {
-      body: { from: "b", body: 1 },
-      token: ta,
-    }),
-    403,
-    "identity_mismatch",
-  );
-  expectError(
-    await call("PUT", "/rooms/r/state", {
-      body: { key: "k", value: 1 },
-      token: view,
-    }),
-    403,
-    "read_only",
-  );
-  expectError(
-    await call("DELETE", "/rooms/r", { token: ta }),
-    403,
-    "forbidden",
-  );
-  expectError(
-    await call("POST", "/rooms/s/agents", {
-      body: { name: "D" },
-      token: c.token as string,
-    }),
-    403,
-    "forbidden",
-  );
-  expectError(
-    await call("GET", "/rooms/r", { auth: `Basic ${room}` }),
-    401,
-    "invalid_token",
-  );
-  // The stream's first events: the backlog, the snapshot, then `ready`.
-  const res = await app.request("/rooms/r/stream", {
-    headers: {
-      "content-type": "application/json",
-      authorization: `Bearer ${room}`,
-    },
-  });
-  assert.equal(res.status, 200);
-  const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
-  let streamed = "";
-  while (!streamed.includes("event: ready")) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    streamed += value;
+  const tc = c.token as string;
+  const html = { headers: { accept: "text/html" } };
+  // Answers that issue no token, then errors, some sending a token that is not the
+  // room's: none is echoed back. [method, path, options, status, error code]
+  // deno-fmt-ignore
+  const calls: [string, string, Options, number, string?][] = [
+    ["POST", "/rooms/r/agents", { body: { id: "a", name: "A" }, token: ta }, 200],
+    ["POST", "/rooms/r/messages", { body: { body: "hi" }, token: ta }, 201],
+    ["POST", "/rooms/r/batch", { body: { messages: [{ body: 2 }], state: [{ key: "k", value: 1 }] }, token: tb }, 200],
+    ["PUT", "/rooms/r/state", { body: { scope: "b", key: "k", value: 2 }, token: tb }, 200],
+    ["POST", "/rooms/r/agents/a/heartbeat", { body: {}, token: ta }, 200],
+    ["GET", "/rooms/r", { token: room }, 200],
+    ["GET", "/rooms/r/agents", { token: view }, 200],
+    ["GET", "/rooms/r/messages", { token: ta }, 200],
+    ["GET", "/rooms/r/state", { token: tb }, 200],
+    ["GET", "/rooms/r/context", { token: room }, 200],
+    ["GET", "/rooms/s/context", { token: tc }, 200],
+    ["GET", "/rooms", {}, 200],
+    ["GET", "/rooms", { token: ADMIN }, 200],
+    ["GET", "/limits", {}, 200],
+    ["GET", "/?room=r", html, 200],
+    ["GET", "/?room=s", html, 200],
+    ["POST", "/rooms/r/agents", { body: { id: "a", name: "A" } }, 409, "agent_exists"],
+    ["POST", "/rooms/r/agents", { body: { id: "a", name: "A" }, token: tb }, 409, "agent_exists"],
+    ["GET", "/rooms/r", { token: s.token as string }, 401, "invalid_token"],
+    ["GET", "/rooms/r", { token: a.token as string }, 401, "invalid_token"],
+    ["GET", "/rooms/s", { token: ta }, 401, "invalid_token"],
+    ["GET", "/rooms/s", {}, 401, "token_required"],
+    ["POST", "/rooms/r/messages", { body: { from: "b", body: 1 }, token: ta }, 403, "identity_mismatch"],
+    ["PUT", "/rooms/r/state", { body: { key: "k", value: 1 }, token: view }, 403, "read_only"],
+    ["DELETE", "/rooms/r", { token: ta }, 403, "forbidden"],
+    ["POST", "/rooms/s/agents", { body: { name: "D" }, token: tc }, 403, "forbidden"],
+    ["GET", "/rooms/r", { auth: `Basic ${room}` }, 401, "invalid_token"],
+  ];
+  for (const [method, path, options, status, code] of calls) {
+    const reply = await call(method, path, options);
+    if (code === undefined) expect(reply, status);
+    else expectError(reply, status, code);
   }
-  await reader.cancel();
-  await settled(db);
+  // The stream's first events: the backlog, the snapshot, then `ready`.
+  const streamed = await streamToReady(app, db, "r", room);
   assert.match(streamed, /event: message/);
   assert.match(streamed, /event: agent/);
   texts.push(streamed);
@@ -1023,13 +868,7 @@ test("the database file holds the SHA-256 of each token, never the token", async
       const s = await createRoom(call, "s", { locked: true });
       const a = await join(call, "r", { id: "a", name: "A" });
       const b = await join(call, "s", { id: "b", name: "B" }, s.room);
-      const rotated = expect(
-        await call("POST", "/rooms/r/agents", {
-          body: { id: "a", name: "A", rotate_token: true },
-          token: a,
-        }),
-        200,
-      );
+      const rotated = await rotate(call, a);
       expect(
         await call("POST", "/rooms/r/messages", {
           body: { body: "hi" },
@@ -1566,13 +1405,7 @@ test("a locked room's viewer page shows none of the room, only that it is locked
     }),
     201,
   );
-  expect(
-    await call("PUT", "/rooms/l/state", {
-      body: { key: "key-secret-4", value: "value-secret-5" },
-      token: a,
-    }),
-    200,
-  );
+  await putAs(call, "l", { key: "key-secret-4", value: "value-secret-5" }, a);
   const reply = await call("GET", "/?room=l", {
     headers: { accept: "text/html" },
   });
@@ -1606,13 +1439,7 @@ test("in a locked room, long-polls, the stream and context need a token: anonymo
     await call("POST", "/rooms/l/messages", { body: { body: 1 }, token: a }),
     201,
   );
-  expect(
-    await call("PUT", "/rooms/l/state", {
-      body: { key: "k", value: 1 },
-      token: a,
-    }),
-    200,
-  );
+  await putAs(call, "l", { key: "k", value: 1 }, a);
   const paths = [
     `/rooms/l/messages?after=${first.id}&wait=0.05`,
     "/rooms/l/state?key=k&after_version=1&wait=0.05",
@@ -1625,10 +1452,7 @@ test("in a locked room, long-polls, the stream and context need a token: anonymo
 
   // A view token's long-poll is woken by an agent's write.
   const poll = app.request(`/rooms/l/messages?after=${first.id}&wait=5`, {
-    headers: {
-      "content-type": "application/json",
-      authorization: `Bearer ${l.view}`,
-    },
+    headers: headersOf({ token: l.view }),
   });
   await sleep(20);
   const second = expect(
@@ -1655,22 +1479,7 @@ test("in a locked room, long-polls, the stream and context need a token: anonymo
   assert.deepEqual((context.agents as Body[]).map((x) => x.id), ["a"]);
   assert.equal((context.messages as Body).total, 2);
 
-  const stream = await app.request("/rooms/l/stream", {
-    headers: {
-      "content-type": "application/json",
-      authorization: `Bearer ${l.view}`,
-    },
-  });
-  assert.equal(stream.status, 200);
-  const reader = stream.body!.pipeThrough(new TextDecoderStream()).getReader();
-  let streamed = "";
-  while (!streamed.includes("event: ready")) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    streamed += value;
-  }
-  await reader.cancel();
-  await settled(db);
+  const streamed = await streamToReady(app, db, "l", l.view);
   assert.match(streamed, new RegExp(`id: ${second.id}\n`));
 });
 
@@ -1798,13 +1607,7 @@ test("a long-poll with a token rotated meanwhile answers 401 invalid_token", asy
   const a = await join(call, "r", { id: "a", name: "A" }, room);
   const waiting = call("GET", "/rooms/r/state?key=k&wait=5", { token: a });
   await sleep(50);
-  expect(
-    await call("POST", "/rooms/r/agents", {
-      body: { id: "a", name: "A", rotate_token: true },
-      token: a,
-    }),
-    200,
-  );
+  await rotate(call, a);
   expectError(await waiting, 401, "invalid_token");
 });
 

@@ -28,6 +28,19 @@ function apiError(code: string, details: Record<string, unknown> = {}) {
   return { error: code, message: "<message>", ...details };
 }
 
+/** Asserts a 409 version_conflict naming the version asked for and the current entry. */
+function assertConflict(
+  res: Reply,
+  expected_version: number,
+  current: unknown,
+) {
+  assert.equal(res.status, 409, JSON.stringify(res.body));
+  assert.deepEqual(
+    times(res.body),
+    apiError("version_conflict", { expected_version, current }),
+  );
+}
+
 function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
@@ -41,8 +54,24 @@ async function snapshot(call: Call) {
   return { messages: messages.body, state: state.body };
 }
 
+/** PUT state in room "r"; the reply, whatever its status. */
+function putState(call: Call, body: Record<string, unknown>) {
+  return call("PUT", "/rooms/r/state", body);
+}
+
+/** DELETE state in room "r"; the reply, whatever its status. */
+function deleteState(call: Call, body: Record<string, unknown>) {
+  return call("DELETE", "/rooms/r/state", body);
+}
+
+/** PUT state key "lock" with if_version 0: it takes the lock only when nobody holds it. */
+function takeLock(call: Call, value: string) {
+  return putState(call, { key: "lock", value, if_version: 0 });
+}
+
+/** PUT state in room "r", asserting 200; answers the entry. */
 async function put(call: Call, body: Record<string, unknown>) {
-  const res = await call("PUT", "/rooms/r/state", body);
+  const res = await putState(call, body);
   assert.equal(res.status, 200, JSON.stringify(res.body));
   return res.body as StateEntry;
 }
@@ -96,11 +125,7 @@ function badInput(section: string, cases: BadCase[]) {
 
 test("PUT state with a matching if_version writes the next version", async ({ call }) => {
   await put(call, { key: "k", value: "a" });
-  const res = await call("PUT", "/rooms/r/state", {
-    key: "k",
-    value: "b",
-    if_version: 1,
-  });
+  const res = await putState(call, { key: "k", value: "b", if_version: 1 });
   assert.equal(res.status, 200);
   assert.deepEqual(times(res.body), entry("k", "b", 2));
 });
@@ -108,63 +133,29 @@ test("PUT state with a matching if_version writes the next version", async ({ ca
 test("PUT state with a stale if_version is 409 version_conflict with the whole current entry and writes nothing", async ({ call }) => {
   await put(call, { key: "k", value: "a" });
   const current = await put(call, { key: "k", value: "b" });
-  const res = await call("PUT", "/rooms/r/state", {
-    key: "k",
-    value: "c",
-    if_version: 1,
-  });
-  assert.equal(res.status, 409);
+  const res = await putState(call, { key: "k", value: "c", if_version: 1 });
+  assertConflict(res, 1, entry("k", "b", 2));
   assert.deepEqual(
     (res.body as { current: unknown }).current,
     current,
     "current is the entry exactly as stored",
-  );
-  assert.deepEqual(
-    times(res.body),
-    apiError("version_conflict", {
-      expected_version: 1,
-      current: entry("k", "b", 2),
-    }),
   );
   const now = await call("GET", "/rooms/r/state?key=k");
   assert.deepEqual(now.body, current);
 });
 
 test("PUT state with if_version on an absent key is 409 with current null", async ({ call }) => {
-  const res = await call("PUT", "/rooms/r/state", {
-    key: "k",
-    value: 1,
-    if_version: 3,
-  });
-  assert.equal(res.status, 409);
-  assert.deepEqual(
-    times(res.body),
-    apiError("version_conflict", { expected_version: 3, current: null }),
-  );
+  const res = await putState(call, { key: "k", value: 1, if_version: 3 });
+  assertConflict(res, 3, null);
   assert.equal((await call("GET", "/rooms/r/state?key=k")).status, 404);
 });
 
 test("PUT state with if_version 0 writes only when the key is absent", async ({ call }) => {
-  const first = await call("PUT", "/rooms/r/state", {
-    key: "lock",
-    value: "me",
-    if_version: 0,
-  });
+  const first = await takeLock(call, "me");
   assert.equal(first.status, 200);
   assert.deepEqual(times(first.body), entry("lock", "me", 1));
-  const second = await call("PUT", "/rooms/r/state", {
-    key: "lock",
-    value: "you",
-    if_version: 0,
-  });
-  assert.equal(second.status, 409);
-  assert.deepEqual(
-    times(second.body),
-    apiError("version_conflict", {
-      expected_version: 0,
-      current: entry("lock", "me", 1),
-    }),
-  );
+  const second = await takeLock(call, "you");
+  assertConflict(second, 0, entry("lock", "me", 1));
   assert.deepEqual(
     (await call("GET", "/rooms/r/state?key=lock")).body,
     first.body,
@@ -174,35 +165,15 @@ test("PUT state with if_version 0 writes only when the key is absent", async ({ 
 test("DELETE state with a matching if_version deletes; a stale one is 409 and the key stays", async ({ call }) => {
   await put(call, { key: "k", value: "a" });
   const current = await put(call, { key: "k", value: "b" });
-  const stale = await call("DELETE", "/rooms/r/state", {
-    key: "k",
-    if_version: 1,
-  });
-  assert.equal(stale.status, 409);
-  assert.deepEqual(
-    times(stale.body),
-    apiError("version_conflict", {
-      expected_version: 1,
-      current: entry("k", "b", 2),
-    }),
-  );
+  const stale = await deleteState(call, { key: "k", if_version: 1 });
+  assertConflict(stale, 1, entry("k", "b", 2));
   assert.deepEqual((await call("GET", "/rooms/r/state?key=k")).body, current);
-  const ok = await call("DELETE", "/rooms/r/state", {
-    key: "k",
-    if_version: 2,
-  });
+  const ok = await deleteState(call, { key: "k", if_version: 2 });
   assert.equal(ok.status, 200);
   assert.deepEqual(ok.body, { deleted: true });
   assert.equal((await call("GET", "/rooms/r/state?key=k")).status, 404);
-  const absent = await call("DELETE", "/rooms/r/state", {
-    key: "k",
-    if_version: 2,
-  });
-  assert.equal(absent.status, 409);
-  assert.deepEqual(
-    times(absent.body),
-    apiError("version_conflict", { expected_version: 2, current: null }),
-  );
+  const absent = await deleteState(call, { key: "k", if_version: 2 });
+  assertConflict(absent, 2, null);
 });
 
 test("of 20 parallel if_version 1 writers exactly one wins; the others get 409 with the winner's entry", async ({ call }) => {
@@ -210,8 +181,7 @@ test("of 20 parallel if_version 1 writers exactly one wins; the others get 409 w
   const replies = await Promise.all(
     Array.from(
       { length: 20 },
-      (_, i) =>
-        call("PUT", "/rooms/r/state", { key: "k", value: i, if_version: 1 }),
+      (_, i) => putState(call, { key: "k", value: i, if_version: 1 }),
     ),
   );
   assert.equal(count(replies, 200), 1);
@@ -236,15 +206,11 @@ test("PUT state increment: true adds 1, a number adds it (negative or fractional
     [0, -6.25],
   ];
   for (const [i, [increment, value]] of steps.entries()) {
-    const res = await call("PUT", "/rooms/r/state", { key: "n", increment });
+    const res = await putState(call, { key: "n", increment });
     assert.equal(res.status, 200, JSON.stringify(res.body));
     assert.deepEqual(times(res.body), entry("n", value, i + 1));
   }
-  const fresh = await call("PUT", "/rooms/r/state", {
-    scope: "s",
-    key: "m",
-    increment: -3,
-  });
+  const fresh = await putState(call, { scope: "s", key: "m", increment: -3 });
   assert.deepEqual(times(fresh.body), entry("m", -3, 1, { scope: "s" }));
 });
 
@@ -271,10 +237,7 @@ test("increment keeps integer counters above 10^15 exact", async ({ call }) => {
 
 test("an increment past the largest finite number is refused, not stored as null", async ({ call }) => {
   const current = await put(call, { key: "n", value: 1e308 });
-  const res = await call("PUT", "/rooms/r/state", {
-    key: "n",
-    increment: 1e308,
-  });
+  const res = await putState(call, { key: "n", increment: 1e308 });
   assert.ok(
     res.status >= 400 && res.status < 500,
     `${res.status} ${JSON.stringify(res.body)}`,
@@ -284,25 +247,10 @@ test("an increment past the largest finite number is refused, not stored as null
 
 test("increment with if_version adds on a match and is 409 version_conflict on a mismatch", async ({ call }) => {
   await put(call, { key: "n", value: 10 });
-  const ok = await call("PUT", "/rooms/r/state", {
-    key: "n",
-    increment: 2,
-    if_version: 1,
-  });
+  const ok = await putState(call, { key: "n", increment: 2, if_version: 1 });
   assert.deepEqual(times(ok.body), entry("n", 12, 2));
-  const stale = await call("PUT", "/rooms/r/state", {
-    key: "n",
-    increment: 2,
-    if_version: 1,
-  });
-  assert.equal(stale.status, 409);
-  assert.deepEqual(
-    times(stale.body),
-    apiError("version_conflict", {
-      expected_version: 1,
-      current: entry("n", 12, 2),
-    }),
-  );
+  const stale = await putState(call, { key: "n", increment: 2, if_version: 1 });
+  assertConflict(stale, 1, entry("n", 12, 2));
 });
 
 for (
@@ -316,10 +264,7 @@ for (
 ) {
   test(`increment on ${name} is 409 not_a_number with current and writes nothing`, async ({ call }) => {
     const current = await put(call, { key: "n", value });
-    const res = await call("PUT", "/rooms/r/state", {
-      key: "n",
-      increment: 1,
-    });
+    const res = await putState(call, { key: "n", increment: 1 });
     assert.equal(res.status, 409);
     assert.deepEqual(
       times(res.body),
@@ -334,7 +279,7 @@ test("50 parallel increments of 1 add exactly 50", async ({ call }) => {
   const replies = await Promise.all(
     Array.from(
       { length: 50 },
-      () => call("PUT", "/rooms/r/state", { key: "n", increment: 1 }),
+      () => putState(call, { key: "n", increment: 1 }),
     ),
   );
   assert.equal(count(replies, 200), 50);
@@ -474,7 +419,7 @@ test("PUT state merge applies an RFC 7386 merge patch to the current object", as
     key: "cfg",
     value: { a: 1, b: { c: 2, d: 3 }, e: [1, 2], f: "x" },
   });
-  const res = await call("PUT", "/rooms/r/state", {
+  const res = await putState(call, {
     key: "cfg",
     value: { b: { c: null, g: 4 }, e: [3], f: null, h: { i: 1 } },
     merge: true,
@@ -489,7 +434,7 @@ test("PUT state merge applies an RFC 7386 merge patch to the current object", as
 test("merge over a value that is not an object applies the patch to {}", async ({ call }) => {
   for (const [i, value] of [5, "text", [1, 2], null, true].entries()) {
     await put(call, { key: `k${i}`, value });
-    const res = await call("PUT", "/rooms/r/state", {
+    const res = await putState(call, {
       key: `k${i}`,
       value: { a: 1, b: null, c: { d: null, e: 2 } },
       merge: true,
@@ -504,7 +449,7 @@ test("merge over a value that is not an object applies the patch to {}", async (
 });
 
 test("merge on a missing key applies the patch to {}", async ({ call }) => {
-  const res = await call("PUT", "/rooms/r/state", {
+  const res = await putState(call, {
     key: "cfg",
     value: { a: { b: null, c: 1 }, d: null, e: [null] },
     merge: true,
@@ -519,11 +464,7 @@ test("merge on a missing key applies the patch to {}", async ({ call }) => {
 test("merge with a patch that is not an object replaces the value", async ({ call }) => {
   await put(call, { key: "cfg", value: { a: 1 } });
   for (const [i, patch] of [[1, 2], 7, "s"].entries()) {
-    const res = await call("PUT", "/rooms/r/state", {
-      key: "cfg",
-      value: patch,
-      merge: true,
-    });
+    const res = await putState(call, { key: "cfg", value: patch, merge: true });
     assert.deepEqual(times(res.body), entry("cfg", patch, i + 2));
   }
 });
@@ -569,19 +510,11 @@ test("if_version 0 takes over an expired entry; its expiry is a version, and the
     if_version: 1,
   });
   assert.equal(renewed.version, 2);
-  const refused = await call("PUT", "/rooms/r/state", {
-    key: "lock",
-    value: "b",
-    if_version: 0,
-  });
+  const refused = await takeLock(call, "b");
   assert.equal(refused.status, 409);
   assert.deepEqual((refused.body as { current: unknown }).current, renewed);
   await sleep(150);
-  const taken = await call("PUT", "/rooms/r/state", {
-    key: "lock",
-    value: "b",
-    if_version: 0,
-  });
+  const taken = await takeLock(call, "b");
   assert.equal(taken.status, 200);
   // 1, 2, the expiry 3, then 4.
   assert.deepEqual(times(taken.body), entry("lock", "b", 4));
@@ -600,26 +533,11 @@ test("an expired entry is absent to if_version, increment, merge and DELETE", as
     await put(call, { key, value: key === "m" ? { old: 1 } : 10, ttl: 0.05 });
   }
   await sleep(100);
-  const cas = await call("PUT", "/rooms/r/state", {
-    key: "cas",
-    value: 1,
-    if_version: 1,
-  });
-  assert.equal(cas.status, 409);
-  assert.deepEqual(
-    times(cas.body),
-    apiError("version_conflict", { expected_version: 1, current: null }),
-  );
-  const del = await call("DELETE", "/rooms/r/state", {
-    key: "del",
-    if_version: 1,
-  });
-  assert.equal(del.status, 409);
-  assert.deepEqual(
-    times(del.body),
-    apiError("version_conflict", { expected_version: 1, current: null }),
-  );
-  const plainDelete = await call("DELETE", "/rooms/r/state", { key: "del" });
+  const cas = await putState(call, { key: "cas", value: 1, if_version: 1 });
+  assertConflict(cas, 1, null);
+  const del = await deleteState(call, { key: "del", if_version: 1 });
+  assertConflict(del, 1, null);
+  const plainDelete = await deleteState(call, { key: "del" });
   assert.deepEqual(plainDelete.body, { deleted: false });
   // Each was version 1, its expiry 2; the write is 3.
   assert.deepEqual(
@@ -637,6 +555,17 @@ test("an expired entry is absent to if_version, increment, merge and DELETE", as
 });
 
 // ---- batch ----
+
+/** One conflict of a refused batch (scope `_shared`), as `times()` leaves it. */
+function batchConflict(
+  index: number,
+  key: string,
+  reason: "version_conflict" | "not_a_number",
+  expected_version: number | null,
+  current: unknown,
+) {
+  return { index, scope: "_shared", key, reason, expected_version, current };
+}
 
 test("POST batch applies state writes and appends messages, answering every result", async ({ call }) => {
   await put(call, { key: "a", value: 1 });
@@ -708,30 +637,9 @@ test("a batch with conflicts is 409 version_conflict listing every one, and writ
     times(res.body),
     apiError("version_conflict", {
       conflicts: [
-        {
-          index: 1,
-          scope: "_shared",
-          key: "b",
-          reason: "version_conflict",
-          expected_version: 1,
-          current: entry("b", 2, 2),
-        },
-        {
-          index: 2,
-          scope: "_shared",
-          key: "c",
-          reason: "version_conflict",
-          expected_version: 3,
-          current: null,
-        },
-        {
-          index: 3,
-          scope: "_shared",
-          key: "s",
-          reason: "not_a_number",
-          expected_version: null,
-          current: entry("s", "text", 1),
-        },
+        batchConflict(1, "b", "version_conflict", 1, entry("b", 2, 2)),
+        batchConflict(2, "c", "version_conflict", 3, null),
+        batchConflict(3, "s", "not_a_number", null, entry("s", "text", 1)),
       ],
     }),
   );
@@ -752,19 +660,11 @@ test("a conflict on a key written earlier in the same batch reports a well-forme
   const current = body.conflicts[0]?.current;
   // Either what the database holds (nothing: the batch was not applied) or the entry
   // as the batch would have left it, but a real entry of room "r" with real times.
-  if (current !== null) {
-    assert.deepEqual(times(current), entry("x", 1, 1));
-  }
+  const expected = current === null ? null : entry("x", 1, 1);
+  if (current !== null) assert.deepEqual(times(current), expected);
   assert.deepEqual(times(res.body), {
     ...apiError("version_conflict"),
-    conflicts: [{
-      index: 1,
-      scope: "_shared",
-      key: "x",
-      reason: "version_conflict",
-      expected_version: 5,
-      current: current === null ? null : entry("x", 1, 1),
-    }],
+    conflicts: [batchConflict(1, "x", "version_conflict", 5, expected)],
   });
   assert.equal((await call("GET", "/rooms/r/state?key=x")).status, 404);
 });
@@ -819,14 +719,9 @@ test("a batch increment on a value that is not a number is 409 not_a_number and 
   assert.deepEqual(
     times(res.body),
     apiError("not_a_number", {
-      conflicts: [{
-        index: 1,
-        scope: "_shared",
-        key: "s",
-        reason: "not_a_number",
-        expected_version: null,
-        current: entry("s", "text", 1),
-      }],
+      conflicts: [
+        batchConflict(1, "s", "not_a_number", null, entry("s", "text", 1)),
+      ],
     }),
   );
   assert.deepEqual(await snapshot(call), before);
@@ -1331,19 +1226,47 @@ badInput("GET messages", [
 
 type Claimed = { claimed: boolean; message: Message };
 
+/** POST claim on message 1 of room "r"; the reply, whatever its status. */
+function claim(call: Call, body: Record<string, unknown>) {
+  return call("POST", "/rooms/r/messages/1/claim", body);
+}
+
+/** POST release of message 1 of room "r" by `agent`; the reply, whatever its status. */
+function release(call: Call, agent: string) {
+  return call("POST", "/rooms/r/messages/1/release", { agent });
+}
+
+/** Message 1, "job", as `times()` leaves it while `agent` holds it. */
+function heldJob(agent: string, more: Record<string, unknown>) {
+  return message(1, "job", {
+    claimed_by: agent,
+    claimed_at: "<time>",
+    status: "held",
+    ...more,
+  });
+}
+
+/** Asserts a 409 already_claimed whose body is exactly these holder fields. */
+function assertAlreadyClaimed(
+  res: Reply,
+  holder: Pick<Message, "claimed_by" | "claimed_at" | "lease_expires_at">,
+) {
+  assert.equal(res.status, 409);
+  assert.deepEqual(res.body, {
+    docs: "http://localhost/README.md#coordination",
+    error: "already_claimed",
+    message: (res.body as { message: string }).message,
+    ...holder,
+  });
+}
+
 test("POST claim gives a message to an agent for a lease", async ({ call }) => {
   await post(call, { kind: "task", body: "job" });
-  const res = await call("POST", "/rooms/r/messages/1/claim", {
-    agent: "w1",
-    lease: 30,
-  });
+  const res = await claim(call, { agent: "w1", lease: 30 });
   assert.equal(res.status, 200);
-  const claimed = message(1, "job", {
+  const claimed = heldJob("w1", {
     kind: "task",
-    claimed_by: "w1",
-    claimed_at: "<time>",
     lease_expires_at: "<time>",
-    status: "held",
     attempts: 1,
   });
   assert.deepEqual(times(res.body), { claimed: true, message: claimed });
@@ -1357,34 +1280,19 @@ test("POST claim gives a message to an agent for a lease", async ({ call }) => {
 
 test("a claim without lease holds until released", async ({ call }) => {
   await post(call, { body: "job" });
-  const res = await call("POST", "/rooms/r/messages/1/claim", { agent: "w1" });
+  const res = await claim(call, { agent: "w1" });
   assert.deepEqual(times(res.body), {
     claimed: true,
-    message: message(1, "job", {
-      claimed_by: "w1",
-      claimed_at: "<time>",
-      status: "held",
-      attempts: 1,
-    }),
+    message: heldJob("w1", { attempts: 1 }),
   });
 });
 
 test("a second agent's claim is 409 already_claimed naming the holder", async ({ call }) => {
   await post(call, { body: "job" });
-  const first = await call("POST", "/rooms/r/messages/1/claim", {
-    agent: "w1",
-    lease: 30,
-  });
+  const first = await claim(call, { agent: "w1", lease: 30 });
   const held = (first.body as Claimed).message;
-  const second = await call("POST", "/rooms/r/messages/1/claim", {
-    agent: "w2",
-    lease: 30,
-  });
-  assert.equal(second.status, 409);
-  assert.deepEqual(second.body, {
-    docs: "http://localhost/README.md#coordination",
-    error: "already_claimed",
-    message: (second.body as { message: string }).message,
+  const second = await claim(call, { agent: "w2", lease: 30 });
+  assertAlreadyClaimed(second, {
     claimed_by: "w1",
     claimed_at: held.claimed_at,
     lease_expires_at: held.lease_expires_at,
@@ -1400,15 +1308,9 @@ test("a second agent's claim is 409 already_claimed naming the holder", async ({
 
 test("the holder claiming again renews the lease and keeps claimed_at", async ({ call }) => {
   await post(call, { body: "job" });
-  const first = await call("POST", "/rooms/r/messages/1/claim", {
-    agent: "w1",
-    lease: 0.2,
-  });
+  const first = await claim(call, { agent: "w1", lease: 0.2 });
   await sleep(50);
-  const again = await call("POST", "/rooms/r/messages/1/claim", {
-    agent: "w1",
-    lease: 10,
-  });
+  const again = await claim(call, { agent: "w1", lease: 10 });
   assert.equal(again.status, 200);
   const a = (first.body as Claimed).message;
   const b = (again.body as Claimed).message;
@@ -1416,73 +1318,42 @@ test("the holder claiming again renews the lease and keeps claimed_at", async ({
   assert.equal(b.claimed_at, a.claimed_at);
   assert.ok(Date.parse(b.lease_expires_at!) > Date.parse(a.lease_expires_at!));
   await sleep(250);
-  const other = await call("POST", "/rooms/r/messages/1/claim", {
-    agent: "w2",
-  });
+  const other = await claim(call, { agent: "w2" });
   assert.equal(other.status, 409);
 });
 
 test("an expired lease frees the message: it reads as free and another agent can claim it", async ({ call }) => {
   await post(call, { body: "job" });
-  await call("POST", "/rooms/r/messages/1/claim", { agent: "w1", lease: 0.1 });
+  await claim(call, { agent: "w1", lease: 0.1 });
   await sleep(150);
   assert.deepEqual(times((await call("GET", "/rooms/r/messages")).body), [
     message(1, "job", { attempts: 1 }),
   ]);
-  const res = await call("POST", "/rooms/r/messages/1/claim", {
-    agent: "w2",
-    lease: 5,
-  });
+  const res = await claim(call, { agent: "w2", lease: 5 });
   assert.equal(res.status, 200);
   assert.deepEqual(times(res.body), {
     claimed: true,
-    message: message(1, "job", {
-      claimed_by: "w2",
-      claimed_at: "<time>",
-      lease_expires_at: "<time>",
-      status: "held",
-      attempts: 2,
-    }),
+    message: heldJob("w2", { lease_expires_at: "<time>", attempts: 2 }),
   });
 });
 
 test("release: the holder frees it, another agent is 409, a free message is released:false", async ({ call }) => {
   await post(call, { body: "job" });
-  const claim = await call("POST", "/rooms/r/messages/1/claim", {
-    agent: "w1",
-  });
-  const held = (claim.body as Claimed).message;
-  const byOther = await call("POST", "/rooms/r/messages/1/release", {
-    agent: "w2",
-  });
-  assert.equal(byOther.status, 409);
-  assert.deepEqual(byOther.body, {
-    docs: "http://localhost/README.md#coordination",
-    error: "already_claimed",
-    message: (byOther.body as { message: string }).message,
+  const held = ((await claim(call, { agent: "w1" })).body as Claimed).message;
+  assertAlreadyClaimed(await release(call, "w2"), {
     claimed_by: "w1",
     claimed_at: held.claimed_at,
     lease_expires_at: null,
   });
-  const released = await call("POST", "/rooms/r/messages/1/release", {
-    agent: "w1",
-  });
-  assert.equal(released.status, 200);
-  assert.deepEqual(times(released.body), {
-    released: true,
-    message: message(1, "job", { attempts: 1 }),
-  });
-  const again = await call("POST", "/rooms/r/messages/1/release", {
-    agent: "w1",
-  });
-  assert.equal(again.status, 200);
-  assert.deepEqual(times(again.body), {
-    released: false,
-    message: message(1, "job", { attempts: 1 }),
-  });
-  const reclaim = await call("POST", "/rooms/r/messages/1/claim", {
-    agent: "w2",
-  });
+  for (const released of [true, false]) {
+    const res = await release(call, "w1");
+    assert.equal(res.status, 200);
+    assert.deepEqual(times(res.body), {
+      released,
+      message: message(1, "job", { attempts: 1 }),
+    });
+  }
+  const reclaim = await claim(call, { agent: "w2" });
   assert.equal(reclaim.status, 200);
 });
 
@@ -1612,11 +1483,7 @@ test("of 20 parallel claimers exactly one wins", async ({ call }) => {
   const replies = await Promise.all(
     Array.from(
       { length: 20 },
-      (_, i) =>
-        call("POST", "/rooms/r/messages/1/claim", {
-          agent: `w${i}`,
-          lease: 30,
-        }),
+      (_, i) => claim(call, { agent: `w${i}`, lease: 30 }),
     ),
   );
   assert.equal(count(replies, 200), 1);
@@ -1636,7 +1503,7 @@ test("unclaimed=true leaves out held messages and includes expired claims", asyn
   for (const kind of ["task", "task", "task", "chat"]) {
     await post(call, { kind, body: kind });
   }
-  await call("POST", "/rooms/r/messages/1/claim", { agent: "w1" });
+  await claim(call, { agent: "w1" });
   await call("POST", "/rooms/r/messages/2/claim", { agent: "w2", lease: 0.1 });
   assert.deepEqual(await ids(call, "unclaimed=true"), [3, 4]);
   assert.deepEqual(await ids(call, "unclaimed=true&kind=task"), [3]);
@@ -1644,7 +1511,7 @@ test("unclaimed=true leaves out held messages and includes expired claims", asyn
   await sleep(150);
   assert.deepEqual(await ids(call, "unclaimed=true"), [2, 3, 4]);
   assert.deepEqual(await ids(call, "unclaimed=false"), [1]);
-  await call("POST", "/rooms/r/messages/1/release", { agent: "w1" });
+  await release(call, "w1");
   assert.deepEqual(await ids(call, "unclaimed=true&kind=task"), [1, 2, 3]);
 });
 
@@ -1824,41 +1691,54 @@ test("a waiting GET messages is woken by a message posted during the wait", asyn
   assert.ok(elapsed < 1000, `answered in ${Math.round(elapsed)} ms`);
 });
 
-test("a waiter filtered by kind=task is not woken by a chat message, but is by a task", async ({ call }) => {
-  const [[res], elapsed] = await timed(() =>
-    Promise.all([
-      call("GET", "/rooms/r/messages?after=0&kind=task&wait=5"),
-      sleep(50).then(() => post(call, { kind: "chat", body: "hi" })),
-      sleep(300).then(() => post(call, { kind: "task", body: "do" })),
-    ])
-  );
-  assert.equal(res.status, 200);
-  assert.deepEqual(times(res.body), [message(2, "do", { kind: "task" })]);
-  assert.ok(elapsed >= 280, `answered in ${Math.round(elapsed)} ms`);
-  assert.ok(elapsed < 1300, `answered in ${Math.round(elapsed)} ms`);
-});
+// Each waiter is not woken by `skipped`, posted at 50 ms, but is by `woken`, posted at
+// `at` ms, and answers it alone.
+const FILTERED_WAITERS = [
+  {
+    name:
+      "a waiter filtered by kind=task is not woken by a chat message, but is by a task",
+    query: "kind=task",
+    skipped: { kind: "chat", body: "hi" },
+    woken: { kind: "task", body: "do" },
+    at: 300,
+    expected: message(2, "do", { kind: "task" }),
+  },
+  {
+    name:
+      "a waiter with for=<agent> is woken by a message to it, not by one to another agent",
+    query: "for=a",
+    skipped: { to: "b", body: "for b" },
+    woken: { to: "a", body: "for a" },
+    at: 250,
+    expected: message(2, "for a", { to_agent: "a" }),
+  },
+];
 
-test("a waiter with for=<agent> is woken by a message to it, not by one to another agent", async ({ call }) => {
-  const [[res], elapsed] = await timed(() =>
-    Promise.all([
-      call("GET", "/rooms/r/messages?after=0&for=a&wait=5"),
-      sleep(50).then(() => post(call, { to: "b", body: "for b" })),
-      sleep(250).then(() => post(call, { to: "a", body: "for a" })),
-    ])
-  );
-  assert.deepEqual(times(res.body), [message(2, "for a", { to_agent: "a" })]);
-  assert.ok(elapsed >= 230 && elapsed < 1300, `${Math.round(elapsed)} ms`);
-});
+for (const { name, query, skipped, woken, at, expected } of FILTERED_WAITERS) {
+  test(name, async ({ call }) => {
+    const [[res], elapsed] = await timed(() =>
+      Promise.all([
+        call("GET", `/rooms/r/messages?after=0&${query}&wait=5`),
+        sleep(50).then(() => post(call, skipped)),
+        sleep(at).then(() => post(call, woken)),
+      ])
+    );
+    assert.equal(res.status, 200);
+    assert.deepEqual(times(res.body), [expected]);
+    assert.ok(
+      elapsed >= at - 20 && elapsed < 1300,
+      `answered in ${Math.round(elapsed)} ms`,
+    );
+  });
+}
 
 test("a waiter for unclaimed tasks is woken when a claim is released", async ({ call }) => {
   await post(call, { kind: "task", body: "job" });
-  await call("POST", "/rooms/r/messages/1/claim", { agent: "w1" });
+  await claim(call, { agent: "w1" });
   const [[res], elapsed] = await timed(() =>
     Promise.all([
       call("GET", "/rooms/r/messages?kind=task&unclaimed=true&wait=5"),
-      sleep(100).then(() =>
-        call("POST", "/rooms/r/messages/1/release", { agent: "w1" })
-      ),
+      sleep(100).then(() => release(call, "w1")),
     ])
   );
   assert.deepEqual(times(res.body), [
@@ -1901,7 +1781,7 @@ test("a state waiter answers 404 key_not_found when the key is deleted", async (
   const [[res], elapsed] = await timed(() =>
     Promise.all([
       call("GET", "/rooms/r/state?key=lock&after_version=1&wait=5"),
-      sleep(100).then(() => call("DELETE", "/rooms/r/state", { key: "lock" })),
+      sleep(100).then(() => deleteState(call, { key: "lock" })),
     ])
   );
   assert.equal(res.status, 404);
@@ -1944,7 +1824,7 @@ test("a state waiter answers 404 when the key's TTL runs out", async ({ call }) 
 
 test("a waiter for unclaimed messages answers when a lease runs out", async ({ call }) => {
   await post(call, { kind: "task", body: "job" });
-  await call("POST", "/rooms/r/messages/1/claim", { agent: "w1", lease: 0.2 });
+  await claim(call, { agent: "w1", lease: 0.2 });
   const [res, elapsed] = await timed(() =>
     call("GET", "/rooms/r/messages?kind=task&unclaimed=true&wait=1.5")
   );
@@ -2118,10 +1998,7 @@ test("claiming counts as a heartbeat, and renewing a claim never moves last_seen
   await register(call, "w1");
   await post(call, { kind: "task", body: "job" });
   await sleep(20);
-  const first = await call("POST", "/rooms/r/messages/1/claim", {
-    agent: "w1",
-    lease: 30,
-  });
+  const first = await claim(call, { agent: "w1", lease: 30 });
   const lastSeen = async () =>
     ((await call("GET", "/rooms/r/agents")).body as Agent[])[0].last_seen;
   assert.equal(await lastSeen(), (first.body as Claimed).message.claimed_at);
@@ -2129,10 +2006,7 @@ test("claiming counts as a heartbeat, and renewing a claim never moves last_seen
   const beat = await call("POST", "/rooms/r/agents/w1/heartbeat", {});
   const beatAt = (beat.body as Agent).last_seen;
   await sleep(30);
-  const renewed = await call("POST", "/rooms/r/messages/1/claim", {
-    agent: "w1",
-    lease: 30,
-  });
+  const renewed = await claim(call, { agent: "w1", lease: 30 });
   assert.equal(renewed.status, 200);
   const now = await lastSeen();
   assert.ok(
@@ -2445,7 +2319,7 @@ test("GET stream sends state events for writes and deletes, agent events for hea
       times(beat.body),
     );
     assert.equal(JSON.parse(agent.data).status, "busy");
-    await call("DELETE", "/rooms/r/state", { key: "k" });
+    await deleteState(call, { key: "k" });
     const deleted = (await events.until((e) => e.event === "state")).at(-1)!;
     assert.deepEqual(JSON.parse(deleted.data), {
       room_id: "r",

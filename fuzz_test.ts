@@ -25,6 +25,7 @@ import {
   type Call,
   caller,
   freshDb,
+  mcpInitialize,
   message,
   type Reply,
   TEST_DATABASE,
@@ -396,16 +397,7 @@ const mcpBody = fc.oneof(
       { jsonrpc: "2.0", id: 1, method: "tools/list" },
       { jsonrpc: "2.0", id: 1, method: "ping" },
       { jsonrpc: "2.0", method: "notifications/initialized" },
-      {
-        jsonrpc: "2.0",
-        id: 1,
-        method: "initialize",
-        params: {
-          protocolVersion: "2025-06-18",
-          capabilities: {},
-          clientInfo: { name: "fuzz", version: "0" },
-        },
-      },
+      mcpInitialize("fuzz", "0"),
     ),
   },
 );

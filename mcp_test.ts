@@ -9,7 +9,7 @@ import assert from "node:assert/strict";
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
 import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
 import { createApp } from "./main.ts";
-import { freshDb } from "./testing.ts";
+import { freshDb, mcpInitialize } from "./testing.ts";
 
 /** A tool's result, as far as these tests read it (the SDK's types resolve to any here). */
 type Result = {
@@ -186,16 +186,7 @@ Deno.test("the MCP server advertises tools only, without listChanged (it is stat
         "content-type": "application/json",
         accept: "application/json, text/event-stream",
       },
-      body: JSON.stringify({
-        jsonrpc: "2.0",
-        id: 1,
-        method: "initialize",
-        params: {
-          protocolVersion: "2025-06-18",
-          capabilities: {},
-          clientInfo: { name: "test", version: "1.0.0" },
-        },
-      }),
+      body: JSON.stringify(mcpInitialize("test", "1.0.0")),
     });
     assert.equal(res.status, 200);
     assert.deepEqual(await res.json(), {
@@ -452,6 +443,16 @@ Deno.test("every MCP tool error is REST's JSON error body as text, with no struc
       ),
     );
     const stranger = await connect("as_not-a-token");
+    // Carol's arguments for the task alice holds, and the already_claimed she gets.
+    const carol = { room: "m", message_id: task, agent: "carol" };
+    const claimed = {
+      error: "already_claimed",
+      message: `Message ${task} is claimed by "alice"`,
+      claimed_by: "alice",
+      claimed_at: held.claimed_at,
+      lease_expires_at: null,
+      docs: docs("coordination"),
+    };
 
     const cases: [string, Client, string, Record<string, unknown>, unknown][] =
       [
@@ -483,27 +484,12 @@ Deno.test("every MCP tool error is REST's JSON error body as text, with no struc
           agent_id: "zed",
           docs: docs("errors"),
         }],
-        ["a claim on a held message", anon, "claim_message", {
-          room: "m",
-          message_id: task,
-          agent: "carol",
-        }, {
-          error: "already_claimed",
-          message: `Message ${task} is claimed by "alice"`,
-          claimed_by: "alice",
-          claimed_at: held.claimed_at,
-          lease_expires_at: null,
-          docs: docs("coordination"),
-        }],
+        ["a claim on a held message", anon, "claim_message", carol, claimed],
         [
           "a complete by an agent that does not hold it",
           anon,
           "complete_message",
-          {
-            room: "m",
-            message_id: task,
-            agent: "carol",
-          },
+          carol,
           {
             error: "not_holder",
             message:
@@ -514,18 +500,7 @@ Deno.test("every MCP tool error is REST's JSON error body as text, with no struc
             docs: docs("coordination"),
           },
         ],
-        ["a release by another agent", anon, "release_message", {
-          room: "m",
-          message_id: task,
-          agent: "carol",
-        }, {
-          error: "already_claimed",
-          message: `Message ${task} is claimed by "alice"`,
-          claimed_by: "alice",
-          claimed_at: held.claimed_at,
-          lease_expires_at: null,
-          docs: docs("coordination"),
-        }],
+        ["a release by another agent", anon, "release_message", carol, claimed],
         ["a stale if_version", anon, "set_state", {
           room: "m",
           key: "turn",

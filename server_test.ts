@@ -17,6 +17,19 @@ async function startAndExit(env: Record<string, string>) {
   return { code: out.code, stderr: new TextDecoder().decode(out.stderr) };
 }
 
+/**
+ * Starts with this DATABASE_URL, which cannot be opened: asserts the process exits 1
+ * having printed exactly one `sync:` line, matching `line`; answers all it printed.
+ */
+async function assertStartFails(url: string, line: RegExp): Promise<string> {
+  const { code, stderr } = await startAndExit({ DATABASE_URL: url });
+  assert.equal(code, 1);
+  const lines = stderr.split("\n").filter((l) => l.startsWith("sync:"));
+  assert.equal(lines.length, 1, stderr);
+  assert.match(lines[0], line);
+  return stderr;
+}
+
 /** Drops `idle_ms`, which changes with every read. */
 function withoutIdle(value: unknown): unknown {
   return JSON.parse(
@@ -197,14 +210,8 @@ Deno.test("SIGTERM lets an in-flight request finish before the process exits", a
 });
 
 Deno.test("a database that cannot be opened stops the start with one clear line", async () => {
-  const { code, stderr } = await startAndExit({
-    DATABASE_URL: "file:/nonexistent-dir/sync.db",
-  });
-  assert.equal(code, 1);
-  const lines = stderr.split("\n").filter((line) => line.startsWith("sync:"));
-  assert.equal(lines.length, 1, stderr);
-  assert.match(
-    lines[0],
+  await assertStartFails(
+    "file:/nonexistent-dir/sync.db",
     /^sync: cannot open the database at file:\/nonexistent-dir\/sync\.db: /,
   );
 });
@@ -216,62 +223,76 @@ function percentile(sorted: number[], p: number): number {
 
 Deno.test("the start-up line never shows a user, password or token from DATABASE_URL", async () => {
   // Port 1 refuses at once: the start fails, and says where it tried.
-  const { code, stderr } = await startAndExit({
-    DATABASE_URL: "http://someone:hunter2@127.0.0.1:1/?authToken=sekrit",
-  });
-  assert.equal(code, 1);
-  const lines = stderr.split("\n").filter((line) => line.startsWith("sync:"));
-  assert.equal(lines.length, 1, stderr);
-  assert.match(
-    lines[0],
+  const stderr = await assertStartFails(
+    "http://someone:hunter2@127.0.0.1:1/?authToken=sekrit",
     /^sync: cannot open the database at http:\/\/127\.0\.0\.1:1\/: /,
   );
   assert.doesNotMatch(stderr, /someone|hunter2|sekrit/);
 });
 
-Deno.test("a long-poll is held, woken within milliseconds by a write, and times out near the asked time", async () => {
+/** Runs `fn` on a server of its own (a temp-file database) with room "r"; then stops it. */
+async function withRoom(fn: (base: string) => Promise<void>) {
   await withTempDir(async (dir) => {
     const server = await startServer({ DATABASE_URL: `file:${dir}/sync.db` });
-    const base = server.url;
     try {
-      await expect(base, "POST", "/rooms", 201, { id: "r" });
-      // Timeout: an empty wait of 1 s answers [] after about 1 s.
-      let t0 = performance.now();
-      assert.deepEqual(
-        await expect(base, "GET", "/rooms/r/messages?wait=1", 200),
-        [],
-      );
-      const held = performance.now() - t0;
-      assert.ok(held >= 950 && held < 2000, `held ${held} ms for wait=1`);
-      // Wake: 30 rounds of waiter, then write; the waiter answers with that message.
-      const samples: number[] = [];
-      let after = 0;
-      for (let i = 0; i < 30; i++) {
-        const waiter = fetch(`${base}/rooms/r/messages?after=${after}&wait=10`)
-          .then((r) => r.json());
-        await new Promise((resolve) => setTimeout(resolve, 20));
-        t0 = performance.now();
-        const posted = (await expect(base, "POST", "/rooms/r/messages", 201, {
-          body: i,
-        })) as Message;
-        const woke = (await waiter) as Message[];
-        samples.push(performance.now() - t0);
-        assert.deepEqual(woke.map((m) => m.id), [posted.id]);
-        after = posted.id;
-      }
-      samples.sort((a, b) => a - b);
-      console.log(
-        `same-process wake (write sent → waiter answered), 30 samples: p50 ${
-          percentile(samples, 0.5).toFixed(1)
-        } ms, max ${samples.at(-1)!.toFixed(1)} ms`,
-      );
-      assert.ok(
-        percentile(samples, 0.5) < 100,
-        "woken by the write, not by a timer",
-      );
+      await expect(server.url, "POST", "/rooms", 201, { id: "r" });
+      await fn(server.url);
     } finally {
       await server.stop();
     }
+  });
+}
+
+/**
+ * `rounds` times: a long-poll of room "r" on `waitOn`, then, `pause` ms later, a message
+ * posted through `postTo`; asserts each poll answers with that message. Answers the ms
+ * from sending each post to its poll answering, sorted.
+ */
+async function wakeTimes(
+  waitOn: string,
+  postTo: string,
+  rounds: number,
+  pause: number,
+): Promise<number[]> {
+  const samples: number[] = [];
+  let after = 0;
+  for (let i = 0; i < rounds; i++) {
+    const waiter = fetch(`${waitOn}/rooms/r/messages?after=${after}&wait=10`)
+      .then((r) => r.json());
+    await new Promise((resolve) => setTimeout(resolve, pause));
+    const t0 = performance.now();
+    const posted = (await expect(postTo, "POST", "/rooms/r/messages", 201, {
+      body: i,
+    })) as Message;
+    const woke = (await waiter) as Message[];
+    samples.push(performance.now() - t0);
+    assert.deepEqual(woke.map((m) => m.id), [posted.id]);
+    after = posted.id;
+  }
+  return samples.sort((a, b) => a - b);
+}
+
+Deno.test("a long-poll is held, woken within milliseconds by a write, and times out near the asked time", async () => {
+  await withRoom(async (base) => {
+    // Timeout: an empty wait of 1 s answers [] after about 1 s.
+    const t0 = performance.now();
+    assert.deepEqual(
+      await expect(base, "GET", "/rooms/r/messages?wait=1", 200),
+      [],
+    );
+    const held = performance.now() - t0;
+    assert.ok(held >= 950 && held < 2000, `held ${held} ms for wait=1`);
+    // Wake: 30 rounds of waiter, then write; the waiter answers with that message.
+    const samples = await wakeTimes(base, base, 30, 20);
+    console.log(
+      `same-process wake (write sent → waiter answered), 30 samples: p50 ${
+        percentile(samples, 0.5).toFixed(1)
+      } ms, max ${samples.at(-1)!.toFixed(1)} ms`,
+    );
+    assert.ok(
+      percentile(samples, 0.5) < 100,
+      "woken by the write, not by a timer",
+    );
   });
 });
 
@@ -308,43 +329,34 @@ async function readEvents(res: Response, count: number) {
 }
 
 Deno.test("the SSE stream sends messages in order and Last-Event-ID resumes with no gap or duplicate", async () => {
-  await withTempDir(async (dir) => {
-    const server = await startServer({ DATABASE_URL: `file:${dir}/sync.db` });
-    const base = server.url;
-    try {
-      await expect(base, "POST", "/rooms", 201, { id: "r" });
-      for (let i = 1; i <= 3; i++) {
-        await expect(base, "POST", "/rooms/r/messages", 201, { body: i });
-      }
-      const res = await fetch(`${base}/rooms/r/stream?after=1`);
-      assert.equal(res.headers.get("content-type"), "text/event-stream");
-      assert.equal(res.headers.get("x-accel-buffering"), "no");
-      const live = (async () => {
-        await new Promise((resolve) => setTimeout(resolve, 100));
-        await expect(base, "POST", "/rooms/r/messages", 201, { body: 4 });
-      })();
-      const first = await readEvents(res, 3);
-      await live;
-      assert.deepEqual(first.map((e) => [e.event, e.id]), [["message", "2"], [
-        "message",
-        "3",
-      ], [
-        "message",
-        "4",
-      ]]);
-      // The client "drops" after id 3 and resumes: it gets 4, then 5 posted later.
-      await expect(base, "POST", "/rooms/r/messages", 201, { body: 5 });
-      const resumed = await fetch(`${base}/rooms/r/stream`, {
-        headers: { "last-event-id": "3" },
-      });
-      const next = await readEvents(resumed, 2);
-      assert.deepEqual(next.map((e) => [e.id, (e.data as Message).body]), [[
-        "4",
-        4,
-      ], ["5", 5]]);
-    } finally {
-      await server.stop();
+  await withRoom(async (base) => {
+    for (let i = 1; i <= 3; i++) {
+      await expect(base, "POST", "/rooms/r/messages", 201, { body: i });
     }
+    const res = await fetch(`${base}/rooms/r/stream?after=1`);
+    assert.equal(res.headers.get("content-type"), "text/event-stream");
+    assert.equal(res.headers.get("x-accel-buffering"), "no");
+    const live = (async () => {
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      await expect(base, "POST", "/rooms/r/messages", 201, { body: 4 });
+    })();
+    const first = await readEvents(res, 3);
+    await live;
+    assert.deepEqual(first.map((e) => [e.event, e.id]), [
+      ["message", "2"],
+      ["message", "3"],
+      ["message", "4"],
+    ]);
+    // The client "drops" after id 3 and resumes: it gets 4, then 5 posted later.
+    await expect(base, "POST", "/rooms/r/messages", 201, { body: 5 });
+    const resumed = await fetch(`${base}/rooms/r/stream`, {
+      headers: { "last-event-id": "3" },
+    });
+    const next = await readEvents(resumed, 2);
+    assert.deepEqual(next.map((e) => [e.id, (e.data as Message).body]), [
+      ["4", 4],
+      ["5", 5],
+    ]);
   });
 });
 
@@ -357,22 +369,7 @@ Deno.test("two instances on one database file: waiters are woken across them, CA
       await expect(a.url, "POST", "/rooms", 201, { id: "r" });
       await expect(b.url, "POST", "/rooms", 200, { id: "r" });
       // A waiter on A, a write on B.
-      const samples: number[] = [];
-      let after = 0;
-      for (let i = 0; i < 5; i++) {
-        const waiter = fetch(`${a.url}/rooms/r/messages?after=${after}&wait=10`)
-          .then((r) => r.json());
-        await new Promise((resolve) => setTimeout(resolve, 50));
-        const t0 = performance.now();
-        const posted = (await expect(b.url, "POST", "/rooms/r/messages", 201, {
-          body: i,
-        })) as Message;
-        const woke = (await waiter) as Message[];
-        samples.push(performance.now() - t0);
-        assert.deepEqual(woke.map((m) => m.id), [posted.id]);
-        after = posted.id;
-      }
-      samples.sort((x, y) => x - y);
+      const samples = await wakeTimes(a.url, b.url, 5, 50);
       console.log(
         `cross-instance wake, 5 samples: p50 ${
           percentile(samples, 0.5).toFixed(0)

@@ -6,7 +6,14 @@
 import assert from "node:assert/strict";
 import type { Message } from "./db.ts";
 import { createApp } from "./main.ts";
-import { type Call, caller, freshDb, message, times } from "./testing.ts";
+import {
+  type Call,
+  caller,
+  freshDb,
+  message,
+  type Reply,
+  times,
+} from "./testing.ts";
 
 type Completed = { completed: boolean; message: Message; result: Message };
 
@@ -59,6 +66,20 @@ const complete = (
 async function read(call: Call, id: number): Promise<Message> {
   const res = await call("GET", `/rooms/r/messages?after=${id - 1}&limit=1`);
   return (res.body as Message[])[0];
+}
+
+/** Asserts a 409 with this error code and details, as `times()` leaves it. */
+function assertRefused(
+  res: Reply,
+  error: string,
+  details: Record<string, unknown>,
+) {
+  assert.equal(res.status, 409, JSON.stringify(res.body));
+  assert.deepEqual(times(res.body), {
+    error,
+    message: "<message>",
+    ...details,
+  });
 }
 
 /** The `times()` shape of a task message of room "r". */
@@ -127,20 +148,14 @@ test("complete without a result posts nothing; a result may name its kind and ad
 test("only the holder completes: another agent, or nobody holding, is 409 not_holder and writes nothing", async (call) => {
   const id = await task(call, "job");
   const free = await complete(call, id, "w1", { body: 1 });
-  assert.equal(free.status, 409);
-  assert.deepEqual(times(free.body), {
-    error: "not_holder",
-    message: "<message>",
+  assertRefused(free, "not_holder", {
     claimed_by: null,
     claimed_at: null,
     lease_expires_at: null,
   });
   await claim(call, id, "w1", 30);
   const other = await complete(call, id, "w2", { body: 1 });
-  assert.equal(other.status, 409);
-  assert.deepEqual(times(other.body), {
-    error: "not_holder",
-    message: "<message>",
+  assertRefused(other, "not_holder", {
     claimed_by: "w1",
     claimed_at: "<time>",
     lease_expires_at: "<time>",
@@ -161,10 +176,7 @@ test("a done message answers claim, release and complete with 409 already_comple
       await complete(call, id, "w1"),
     ]
   ) {
-    assert.equal(res.status, 409);
-    assert.deepEqual(times(res.body), {
-      error: "already_completed",
-      message: "<message>",
+    assertRefused(res, "already_completed", {
       done_by: "w1",
       done_at: "<time>",
     });
@@ -256,10 +268,7 @@ test("max_attempts: a release or a lapse on the last attempt makes the message d
     shape(id, "job", { status: "dead", attempts: 2, max_attempts: 2 }),
   );
   const refused = await claim(call, id, "w3");
-  assert.equal(refused.status, 409);
-  assert.deepEqual(times(refused.body), {
-    error: "attempts_exhausted",
-    message: "<message>",
+  assertRefused(refused, "attempts_exhausted", {
     attempts: 2,
     max_attempts: 2,
   });

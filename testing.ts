@@ -360,3 +360,17 @@ export function agent(
     ...more,
   };
 }
+
+/** An MCP `initialize` request (JSON-RPC id 1) from the client `name`. */
+export function mcpInitialize(name: string, version: string) {
+  return {
+    jsonrpc: "2.0",
+    id: 1,
+    method: "initialize",
+    params: {
+      protocolVersion: "2025-06-18",
+      capabilities: {},
+      clientInfo: { name, version },
+    },
+  };
+}

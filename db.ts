@@ -772,6 +772,25 @@ function isoJson(ms: string): string {
   } || '"' END`;
 }
 
+/** The task fields of a message as JSON (after `reply_to`); each `?` is the time. */
+const TASK_JSON =
+  `',"claimed_by":' || CASE WHEN ${HELD} THEN json_quote(claimed_by) ELSE 'null' END ||
+    ',"claimed_at":' || CASE WHEN ${HELD} THEN ${
+    isoJson("claimed_at")
+  } ELSE 'null' END ||
+    ',"lease_expires_at":' || CASE WHEN ${HELD} THEN ${
+    isoJson("lease_expires_at")
+  } ELSE 'null' END ||
+    ',"status":"' || ${STATUS_SQL} || '","attempts":' || attempts ||
+    ',"max_attempts":' || coalesce(max_attempts, 'null') ||
+    ',"done_at":' || ${isoJson("done_at")} ||
+    ',"done_by":' || json_quote(done_by) || '}'`;
+
+/** The same for a message never claimed nor done, as most are: no time, no CASE. */
+const UNTOUCHED_TASK_JSON =
+  `',"claimed_by":null,"claimed_at":null,"lease_expires_at":null,"status":"open","attempts":0,"max_attempts":' ||
+    coalesce(max_attempts, 'null') || ',"done_at":null,"done_by":null}'`;
+
 /**
  * A message row as the JSON text `toMessage` makes of it (`JSON.stringify`), built
  * by SQLite: its stored `head` (what never changes, written at insert), then the
@@ -779,20 +798,13 @@ function isoJson(ms: string): string {
  * pages built this way cost a fraction of rows mapped in JS (docs/PERFORMANCE.md);
  * db_test.ts holds the two equal. A row without `head` (written by an older
  * instance) has it made on the spot. Its `?`s are all the current time (ms),
- * `messageJsonArgs`: a lapsed lease reads as no claim.
+ * `messageJsonArgs`: a lapsed lease reads as no claim. The task fields are joined
+ * before the head (parenthesized): SQLite copies the left side of every `||`.
  */
-const MESSAGE_JSON = `'{"id":' || id || ',' || coalesce(head, ${HEAD_SQL}) ||
-    ',"claimed_by":' || CASE WHEN ${HELD} THEN json_quote(claimed_by) ELSE 'null' END ||
-    ',"claimed_at":' || CASE WHEN ${HELD} THEN ${
-  isoJson("claimed_at")
-} ELSE 'null' END ||
-    ',"lease_expires_at":' || CASE WHEN ${HELD} THEN ${
-  isoJson("lease_expires_at")
-} ELSE 'null' END ||
-    ',"status":"' || ${STATUS_SQL} || '","attempts":' || attempts ||
-    ',"max_attempts":' || coalesce(max_attempts, 'null') ||
-    ',"done_at":' || ${isoJson("done_at")} ||
-    ',"done_by":' || json_quote(done_by) || '}'`;
+const MESSAGE_JSON = `'{"id":' || id || ',' || coalesce(head, ${HEAD_SQL}) || (
+    CASE WHEN claimed_by IS NULL AND attempts = 0 AND done_at IS NULL
+      AND done_by IS NULL THEN ${UNTOUCHED_TASK_JSON}
+    ELSE ${TASK_JSON} END)`;
 
 /** The arguments of `MESSAGE_JSON`: the time, once per `?`. */
 function messageJsonArgs(now: number): number[] {

@@ -315,6 +315,8 @@ async function lastId(base: string, room: string): Promise<number> {
 type References = {
   bare: Server;
   rawFile: string;
+  /** A fresh file for the raw insert on the seed's tables (bench/raw.ts makes them). */
+  seedFile: string;
   page: IdRange;
   /** The bare app's POST rate at 10 connections, once measured. */
   barePost10?: number;
@@ -401,10 +403,11 @@ async function casePostMessages(server: Server, refs: References) {
       connections,
     );
     const raw = rawSlice(["insert", refs.rawFile, "raw", "1"]);
+    const seed = rawSlice(["insert-seed", refs.seedFile, "raw", "1"]);
     await load(server.url, request, connections, WARMUP_SECONDS);
     await load(refs.bare.url, bareRequest, connections, WARMUP_SECONDS);
-    const [svc, ref, ins] = await sideBySide(
-      connections === 10 ? [service, bare, raw] : [service, bare],
+    const [svc, ref, ins, seedIns] = await sideBySide(
+      connections === 10 ? [service, bare, raw, seed] : [service, bare],
     );
     const rate = rateOf(svc);
     const bareRate = rateOf(ref);
@@ -412,13 +415,26 @@ async function casePostMessages(server: Server, refs: References) {
     if (connections === 10) {
       refs.barePost10 = bareRate;
       const rawRate = rateOf(ins);
+      const seedRate = rateOf(seedIns);
       addRow(
-        `POST message, 10 conn (vs raw insert)`,
+        `POST message, 10 conn (vs raw insert of the seed's columns)`,
+        perSecond(rate) + mark,
+        perSecond(seedRate, "ins/s"),
+        percent(rate / seedRate),
+        "≥ 50%",
+        rate / seedRate >= 0.5,
+      );
+      addRow(
+        `bare Hono POST, 10 conn (vs raw insert of the seed's columns)`,
+        perSecond(bareRate),
+        perSecond(seedRate, "ins/s"),
+        percent(bareRate / seedRate),
+      );
+      addRow(
+        `POST message, 10 conn (vs raw insert, the service's schema)`,
         perSecond(rate) + mark,
         perSecond(rawRate, "ins/s"),
         percent(rate / rawRate),
-        "≥ 50%",
-        rate / rawRate >= 0.5,
       );
       // The median of the one-second slices' p99: one slice hit by a burst of other
       // work on the machine does not decide it.
@@ -1318,7 +1334,12 @@ async function main(): Promise<void> {
     const rawFile = `${dir}/raw.db`;
     await Deno.copyFile(dbs.main, rawFile);
     const bare = await startBare();
-    const refs: References = { bare, rawFile, page: dbs.page };
+    const refs: References = {
+      bare,
+      rawFile,
+      seedFile: `${dir}/seed.db`,
+      page: dbs.page,
+    };
     let service = await startService(dbs.main);
     const current = () => service;
     // A case that killed the service must not take the next ones with it.

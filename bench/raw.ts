@@ -5,6 +5,9 @@
  * `{"ops": N, "seconds": S, "cpu": C}` (C: CPU seconds used in the loop).
  *
  *   raw.ts insert FILE ROOM SECONDS           one INSERT … RETURNING per call, read with .all()
+ *   raw.ts insert-seed FILE ROOM SECONDS      the same on the seed's tables (rooms, and messages
+ *                                             of id, room_id, from_agent, to_agent, kind, body,
+ *                                             created_at; no trigger), made in FILE if absent
  *   raw.ts page FILE ROOM SECONDS FIRST LAST  a 100-row page after a random id in [FIRST, LAST)
  *   raw.ts state FILE ROOM SECONDS            the service's upsert of one of 100 keys, its
  *                                             history kept by the triggers (migration 4)
@@ -53,7 +56,38 @@ function loop(step: (i: number) => void): Result {
 }
 
 let result: Result;
-if (mode === "insert") {
+if (mode === "insert-seed") {
+  db.exec(`CREATE TABLE IF NOT EXISTS rooms (id TEXT PRIMARY KEY,
+             created_at INTEGER NOT NULL)`);
+  db.exec(`CREATE TABLE IF NOT EXISTS messages (
+             id INTEGER PRIMARY KEY AUTOINCREMENT,
+             room_id TEXT NOT NULL REFERENCES rooms (id),
+             from_agent TEXT, to_agent TEXT, kind TEXT NOT NULL,
+             body TEXT NOT NULL, created_at INTEGER NOT NULL)`);
+  db.exec(
+    `CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room_id, id)`,
+  );
+  db.prepare("INSERT OR IGNORE INTO rooms (id, created_at) VALUES (?, ?)").run(
+    room,
+    Date.now(),
+  );
+  const insert = db.prepare(
+    `INSERT INTO messages (room_id, from_agent, to_agent, kind, body, created_at)
+     VALUES (?, ?, ?, ?, ?, ?)
+     RETURNING id, room_id, from_agent, to_agent, kind, body, created_at`,
+  );
+  result = loop((i) => {
+    const rows = insert.all(
+      room,
+      "bench",
+      null,
+      "bench",
+      JSON.stringify({ n: i, text: "a benchmark message" }),
+      Date.now(),
+    );
+    if (rows.length !== 1) throw new Error("INSERT … RETURNING gave no row");
+  });
+} else if (mode === "insert") {
   const insert = db.prepare(
     `INSERT INTO messages (room_id, from_agent, to_agent, kind, body, created_at)
      VALUES (?, ?, ?, ?, ?, ?) RETURNING ${COLUMNS}`,
@@ -113,7 +147,9 @@ if (mode === "insert") {
     if (mode === "state-bare") { for (const { sql } of triggers) db.exec(sql); }
   }
 } else {
-  throw new Error(`unknown mode "${mode}": insert, page, state or state-bare`);
+  throw new Error(
+    `unknown mode "${mode}": insert, insert-seed, page, state or state-bare`,
+  );
 }
 db.close();
 console.log(JSON.stringify(result));

@@ -369,7 +369,11 @@ function statements(sql: string): string[] {
  * several instances start at once on one database.
  */
 async function migrate(client: Driver, migrations: string[][]): Promise<void> {
-  const schema = await (await fetch(SCHEMA_URL)).text();
+  // From a file when the code is on disk (fetch would load its own machinery at
+  // start-up), else from where the code came from (a host serving it by URL).
+  const schema = SCHEMA_URL.protocol === "file:"
+    ? await Deno.readTextFile(SCHEMA_URL)
+    : await (await fetch(SCHEMA_URL)).text();
   await client.batch(statements(schema), "write");
   for (;;) {
     const version = await readVersion(client);

@@ -303,11 +303,11 @@ export function createApp(options: AppOptions) {
       ],
       exposeHeaders: ["Retry-After", "Idempotent-Replayed"],
     }))
-    // The checks of every request in one middleware (a held request keeps a frame per
-    // middleware): a Host header that a URL can hold (`x:99999` would trip every
-    // route), the rate limit, retention's sweeper (started by the first request:
-    // importing the app starts nothing), and a body within its size and time limits
-    // (an import is a whole room: it has a limit of its own).
+    // The checks of every request CORS lets through (it answers preflights itself), in
+    // one middleware (a held request keeps a frame per middleware): a Host header that
+    // a URL can hold (`x:99999` would trip every route), the rate limit, retention's
+    // sweeper (started by the first request: importing the app starts nothing), and a
+    // body within its size and time limits (an import has a limit of its own).
     .use((c, next) => {
       if (originOf(c.req.url) === "") {
         throw new ApiError(

@@ -7,8 +7,9 @@
  * - at most `maxConnections` are open at once; one more closes the connection idle the
  *   longest (no request in flight: a half-sent request or a keep-alive between
  *   requests), or, when every connection is busy, is answered 503 `over_capacity`;
- * - a connection with no request in flight for `stallMs` is closed: headers that
- *   never finish are a connection with no request yet;
+ * - a connection with no request in flight for `stallMs` is closed (looked for
+ *   every quarter of it, at most every second): headers that never finish are a
+ *   connection with no request yet;
  * - the open-file limit is found when accepting first fails for lack of descriptors
  *   (Deno lets a process read its limit only with --allow-all): from then on the cap
  *   is the connections open at that moment less a headroom, and idle connections are
@@ -74,7 +75,6 @@ type Connection = {
   busy: number;
   /** When the last request finished (or the connection opened). */
   idleSince: number;
-  timer?: ReturnType<typeof setTimeout>;
   server?: { shutdown(): Promise<void> };
 };
 
@@ -109,13 +109,19 @@ export function listen(
   /** The cap: `maxConnections`, or less once the open-file limit is found. */
   let max = options.maxConnections;
 
-  const idle = (connection: Connection) => {
-    connection.idleSince = performance.now();
-    connection.timer = setTimeout(
-      () => connection.close.abort(),
-      options.stallMs,
-    );
-  };
+  // Stalled connections are found by one sweep, not a timer per idle spell: a timer
+  // set and cleared around every request cost the hot path (docs/PERFORMANCE.md).
+  const sweeper = setInterval(() => {
+    const now = performance.now();
+    for (const connection of open) {
+      if (
+        connection.busy === 0 && now - connection.idleSince >= options.stallMs
+      ) {
+        forget(connection);
+        connection.close.abort();
+      }
+    }
+  }, Math.min(1_000, Math.max(10, options.stallMs / 4)));
 
   /** Makes room for one more: closes the longest-idle connection, if any. */
   const evict = (): boolean => {
@@ -132,27 +138,24 @@ export function listen(
     return true;
   };
 
-  const forget = (connection: Connection) => {
-    clearTimeout(connection.timer);
-    open.delete(connection);
-  };
+  const forget = (connection: Connection) => open.delete(connection);
 
   const serveConnection = (conn: Deno.Conn) => {
     const connection: Connection = {
       close: new AbortController(),
       busy: 0,
-      idleSince: 0,
+      idleSince: performance.now(),
     };
     open.add(connection);
-    idle(connection);
+    const finished = () => {
+      if (--connection.busy === 0) connection.idleSince = performance.now();
+    };
     const server = serveOn(
       conn,
       connection.close.signal,
       (request, info) => {
-        if (connection.busy++ === 0) clearTimeout(connection.timer);
-        info.completed.catch(() => {}).finally(() => {
-          if (--connection.busy === 0 && open.has(connection)) idle(connection);
-        });
+        connection.busy++;
+        info.completed.then(finished, finished);
         return handler(request, info);
       },
       (error) => {
@@ -251,6 +254,7 @@ export function listen(
     addr,
     async shutdown() {
       closing = true;
+      clearInterval(sweeper);
       listener.close();
       await Promise.all(
         [...open].map((connection) => connection.server?.shutdown()),

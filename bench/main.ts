@@ -470,6 +470,57 @@ async function casePostMessages(server: Server, refs: References) {
 }
 
 /**
+ * What the public-instance caps cost the hot path: POST message and GET 100 at 10
+ * connections on the service with them on (the listener's connection cap and stall
+ * timeout, the default wait caps, and a rate limit that counts every request but is
+ * set too high to refuse one) against the same service with them off
+ * (`MAX_CONNECTIONS=0`, `RATE_LIMIT=0`), side by side, each on its own copy of the
+ * database (the main service has stopped: its file is still).
+ */
+async function caseCaps(dir: string, main: string, page: IdRange) {
+  progress("the public-instance caps, on against off");
+  const files = { on: `${dir}/caps-on.db`, off: `${dir}/caps-off.db` };
+  await Deno.copyFile(main, files.on);
+  await Deno.copyFile(main, files.off);
+  const on = await startService(files.on, "service (caps on)", {
+    RATE_LIMIT: "10000000",
+    MAX_WAITS_PER_CLIENT: "100",
+    MAX_WAITS_PER_ADDRESS: "1000",
+  });
+  const off = await startService(files.off, "service (caps off)", {
+    MAX_CONNECTIONS: "0",
+  });
+  try {
+    for (const server of [on, off]) {
+      await call(server.url, "POST", "/rooms", { id: "caps" });
+    }
+    const cases: [string, Request][] = [
+      ["POST message", postMessage("caps")],
+      ["GET 100 msgs", getPage("page", page)],
+    ];
+    for (const [name, request] of cases) {
+      await load(on.url, request, 10, WARMUP_SECONDS);
+      await load(off.url, request, 10, WARMUP_SECONDS);
+      const [withCaps, without] = await sideBySide([
+        httpSlice(`${name}, caps on`, on, request, 10),
+        httpSlice(`${name}, caps off`, off, request, 10),
+      ]);
+      const ratio = rateOf(withCaps) / rateOf(without);
+      addRow(
+        `${name}, 10 conn: public-instance caps on (vs off)`,
+        `${perSecond(rateOf(withCaps))}, ${µs(cpuPerCall(withCaps))} CPU`,
+        `${perSecond(rateOf(without))}, ${µs(cpuPerCall(without))} CPU`,
+        percent(ratio),
+        "≥ 95%",
+        ratio >= 0.95,
+      );
+    }
+  } finally {
+    await Promise.all([on.stop(), off.stop()]);
+  }
+}
+
+/**
  * Cold start: `deno run` with the start task's flags (a fresh database file, a warm
  * module cache) to the first 200 on `/healthz`, against the bare Hono app started the
  * same way; the medians of 5, taking turns (bench/coldstart.ts).
@@ -1390,6 +1441,7 @@ async function main(): Promise<void> {
       `${number(rssMb(service.pid), 1)} MB`,
     );
     await Promise.all([service.stop(), bare.stop()]);
+    await attempt("caps", () => caseCaps(dir, dbs.main, dbs.page));
     await attempt("cold start", caseColdStart);
     await attempt("held long-polls", () => caseHeldWaiters(dbs.main));
     await attempt("held streams", () => caseHeldStreams(dbs.main));

@@ -105,11 +105,12 @@ function signal(pid: number, sig: Deno.Signal): void {
 
 /**
  * The real service, as `deno task start` on the database file `dbFile`, with no rate
- * limit.
+ * limit (unless `env` sets its own settings).
  */
 export function startService(
   dbFile: string,
   name = "service",
+  env: Record<string, string> = {},
 ): Promise<Server> {
   return startServer(name, ["task", "start"], {
     DATABASE_URL: `file:${dbFile}`,
@@ -117,6 +118,7 @@ export function startService(
     // The benchmark holds thousands of waits from one address on purpose.
     MAX_WAITS_PER_CLIENT: "1000000",
     MAX_WAITS_PER_ADDRESS: "1000000",
+    ...env,
   });
 }
 

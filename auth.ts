@@ -76,17 +76,22 @@ function same(a: string, b: string): boolean {
   return diff === 0;
 }
 
+/** The token of an `Authorization: Bearer <token>` header; undefined for any other. */
+export function bearerToken(header: string | undefined): string | undefined {
+  return header?.match(/^Bearer\s+(\S+)\s*$/i)?.[1];
+}
+
 /** The bearer token of a request, if it sends one; a malformed header is 401. */
 export function bearer(header: string | undefined): string | undefined {
   if (header === undefined) return undefined;
-  const match = header.match(/^Bearer\s+(\S+)\s*$/i);
-  if (!match) {
+  const token = bearerToken(header);
+  if (token === undefined) {
     throw new ApiError(
       "invalid_token",
       'The Authorization header must be "Bearer <token>"',
     );
   }
-  return match[1];
+  return token;
 }
 
 /** Whether a token is the server admin token (compared as hashes: no length leaks). */

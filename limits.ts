@@ -7,7 +7,7 @@
  * is the client.
  */
 import type { Context } from "hono";
-import { hashToken } from "./auth.ts";
+import { bearerToken, hashToken } from "./auth.ts";
 import { ApiError } from "./errors.ts";
 
 /** Requests per second, and how many may come at once after a quiet spell. */
@@ -52,11 +52,6 @@ export function address(c: Context, trustProxy = TRUST_PROXY): string {
     : connection;
 }
 
-/** The bearer token of a request, as `auth.ts` reads it, or undefined. */
-function bearerOf(c: Context): string | undefined {
-  return c.req.header("authorization")?.match(/^Bearer\s+(\S+)\s*$/i)?.[1];
-}
-
 /**
  * Counts requests per client and refuses those beyond the limit with 429
  * `rate_limited` and Retry-After. A client is a token that has proven itself (a room
@@ -96,7 +91,7 @@ export class RateLimiter {
   count(c: Context): Promise<void> | void {
     // A tool call of the MCP endpoint, made in-process: its request was counted.
     if ((c.env as { internal?: boolean } | undefined)?.internal) return;
-    const token = bearerOf(c);
+    const token = bearerToken(c.req.header("authorization"));
     if (token === undefined) return this.#take(c, undefined);
     return hashToken(token).then((hash) => this.#take(c, hash));
   }

@@ -55,6 +55,25 @@ function loop(step: (i: number) => void): Result {
   };
 }
 
+/** One INSERT … RETURNING `returning` per call, read with .all(), into ROOM. */
+function inserts(returning: string): Result {
+  const insert = db.prepare(
+    `INSERT INTO messages (room_id, from_agent, to_agent, kind, body, created_at)
+     VALUES (?, ?, ?, ?, ?, ?) RETURNING ${returning}`,
+  );
+  return loop((i) => {
+    const rows = insert.all(
+      room,
+      "bench",
+      null,
+      "bench",
+      JSON.stringify({ n: i, text: "a benchmark message" }),
+      Date.now(),
+    );
+    if (rows.length !== 1) throw new Error("INSERT … RETURNING gave no row");
+  });
+}
+
 let result: Result;
 if (mode === "insert-seed") {
   db.exec(`CREATE TABLE IF NOT EXISTS rooms (id TEXT PRIMARY KEY,
@@ -71,38 +90,9 @@ if (mode === "insert-seed") {
     room,
     Date.now(),
   );
-  const insert = db.prepare(
-    `INSERT INTO messages (room_id, from_agent, to_agent, kind, body, created_at)
-     VALUES (?, ?, ?, ?, ?, ?)
-     RETURNING id, room_id, from_agent, to_agent, kind, body, created_at`,
-  );
-  result = loop((i) => {
-    const rows = insert.all(
-      room,
-      "bench",
-      null,
-      "bench",
-      JSON.stringify({ n: i, text: "a benchmark message" }),
-      Date.now(),
-    );
-    if (rows.length !== 1) throw new Error("INSERT … RETURNING gave no row");
-  });
+  result = inserts("id, room_id, from_agent, to_agent, kind, body, created_at");
 } else if (mode === "insert") {
-  const insert = db.prepare(
-    `INSERT INTO messages (room_id, from_agent, to_agent, kind, body, created_at)
-     VALUES (?, ?, ?, ?, ?, ?) RETURNING ${COLUMNS}`,
-  );
-  result = loop((i) => {
-    const rows = insert.all(
-      room,
-      "bench",
-      null,
-      "bench",
-      JSON.stringify({ n: i, text: "a benchmark message" }),
-      Date.now(),
-    );
-    if (rows.length !== 1) throw new Error("INSERT … RETURNING gave no row");
-  });
+  result = inserts(COLUMNS);
 } else if (mode === "page") {
   const first = Number(firstText);
   const span = Number(lastText) - first - 100;

@@ -1406,7 +1406,7 @@ function whyStatement(
   roomId: string,
   op: StateWrite,
   now: number,
-): InStatement {
+): { sql: string; args: Record<string, InValue> } {
   const rule = rules(op);
   return {
     sql: `SELECT ${rule?.sql ?? "NULL"} AS reason, ${LIVE_ROW} AS live,
@@ -1495,14 +1495,13 @@ export type BatchResult =
 /** Fails (NOT NULL) when the statement before it changed no row: see schema.sql. */
 const GUARD = "INSERT INTO batch_guard (ok) SELECT NULL WHERE changes() = 0";
 
-/** Fails (NOT NULL) when `rules` refuse the write: see schema.sql. */
+/** Fails (NOT NULL) when `rules` refuse the write (`whyStatement` names a reason). */
 function ruleGuard(roomId: string, op: StateWrite, now: number): InStatement {
-  const rule = rules(op)!;
+  const why = whyStatement(roomId, op, now);
   return {
-    sql: `INSERT INTO batch_guard (ok) SELECT NULL
-            FROM (SELECT 1) LEFT JOIN state ON ${KEY_ROW}
-            WHERE (${rule.sql}) IS NOT NULL`,
-    args: { room: roomId, scope: op.scope, key: op.key, now, ...rule.args },
+    sql: `INSERT INTO batch_guard (ok) SELECT NULL FROM (${why.sql})
+            WHERE reason IS NOT NULL`,
+    args: why.args,
   };
 }
 

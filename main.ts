@@ -3,8 +3,8 @@
  * agents, over JSON/HTTP. This file is the route table; SQL is in `db.ts`, inputs in
  * `schemas.ts`, errors in `errors.ts`, markup in `view.tsx`, agent docs in `docs.ts`.
  */
-import { OpenAPIHono } from "@hono/zod-openapi";
 import type { Context, TypedResponse } from "hono";
+import { api } from "./api.ts";
 import { bodyLimit } from "hono/body-limit";
 import { every } from "hono/combine";
 import { cors } from "hono/cors";
@@ -75,13 +75,11 @@ import {
 } from "./errors.ts";
 import {
   bodyWithin,
-  jsonBody,
   MAX_BATCH,
   MAX_JSON_DEPTH,
   MAX_MESSAGES_PER_READ,
   MAX_WAIT_SECONDS,
   type PostMessage,
-  refuseInvalid,
   SHARED,
 } from "./schemas.ts";
 import * as routes from "./routes.ts";
@@ -269,9 +267,9 @@ export function createApp(options: AppOptions) {
   );
 
   /** The usage docs, naming this request's host. */
-  const docs = (c: Context) => {
+  const docs = async (c: Context) => {
     const origin = new URL(c.req.url).origin;
-    return usage(origin, openapi(app, origin));
+    return usage(origin, await openapi(app, origin));
   };
 
   /** `/mcp`: each tool call is a REST request to this app, made in-process. */
@@ -289,7 +287,7 @@ export function createApp(options: AppOptions) {
     );
 
   // The room routes' middleware (inRoom) sets these variables; no other route reads them.
-  const app = new OpenAPIHono<RoomEnv>({ defaultHook: refuseInvalid });
+  const app = api<RoomEnv>();
   app.onError(onError)
     .notFound(notFound)
     // Tokens travel in headers, never cookies, so any origin may call the JSON API.
@@ -354,18 +352,18 @@ export function createApp(options: AppOptions) {
       if (c.req.header("accept")?.includes("text/html")) {
         const rooms = await listRooms(db, false, { limit: LANDING_ROOMS + 1 });
         return c.html(Landing({
-          docs: await docsHtml(docs(c)),
+          docs: await docsHtml(await docs(c)),
           rooms: (rooms ?? []).slice(0, LANDING_ROOMS),
           more: (rooms ?? []).length > LANDING_ROOMS,
           nonce,
         }));
       }
-      return markdown(c, docs(c));
+      return markdown(c, await docs(c));
     })
     // ---- MCP: the same API as tools, each call a REST request made in-process ----
     .openapi(routes.postMcp, (c) => mcp(c))
     // The same docs for every kind of reader: agents, skill loaders, LLM tools.
-    .openapi(routes.getReadme, (c) => markdown(c, docs(c)))
+    .openapi(routes.getReadme, async (c) => markdown(c, await docs(c)))
     .openapi(routes.getViewerScript, async (c) => {
       c.header("x-content-type-options", "nosniff");
       c.header("cache-control", "no-cache");
@@ -373,14 +371,14 @@ export function createApp(options: AppOptions) {
         "content-type": "text/javascript; charset=utf-8",
       });
     })
-    .openapi(routes.getLlmsTxt, (c) => markdown(c, docs(c)))
-    .openapi(routes.getSkill, (c) => {
+    .openapi(routes.getLlmsTxt, async (c) => markdown(c, await docs(c)))
+    .openapi(routes.getSkill, async (c) => {
       const origin = new URL(c.req.url).origin;
-      return markdown(c, skill(origin, openapi(app, origin)));
+      return markdown(c, skill(origin, await openapi(app, origin)));
     })
     .openapi(
       routes.getOpenApi,
-      (c) => c.json(openapi(app, new URL(c.req.url).origin), 200),
+      async (c) => c.json(await openapi(app, new URL(c.req.url).origin), 200),
     )
     .openapi(routes.getHealth, async (c) => {
       try {
@@ -418,7 +416,7 @@ export function createApp(options: AppOptions) {
         idempotency_ttl_seconds: IDEMPOTENCY_TTL_MS / 1000,
       }, 200))
     // ---- rooms ----
-    .openapi({ ...routes.createRoom, middleware: [jsonBody] }, async (c) => {
+    .openapi(routes.createRoom, async (c) => {
       const input = c.req.valid("json");
       const token = newToken("room");
       const viewToken = newToken("view");
@@ -542,7 +540,7 @@ export function createApp(options: AppOptions) {
     })
     // ---- agents ----
     .openapi(
-      { ...routes.registerAgent, middleware: [inRoom, writer, jsonBody] },
+      { ...routes.registerAgent, middleware: [inRoom, writer] },
       async (c) => {
         const { status, agent } = await registerAgent(
           db,
@@ -558,7 +556,7 @@ export function createApp(options: AppOptions) {
       async (c) => c.json(await listAgents(db, c.var.room.id), 200),
     )
     .openapi(
-      { ...routes.heartbeat, middleware: [inRoom, writer, jsonBody] },
+      { ...routes.heartbeat, middleware: [inRoom, writer] },
       async (c) => {
         const agentId = actingAs(
           c.var.caller,
@@ -577,7 +575,7 @@ export function createApp(options: AppOptions) {
     )
     // ---- messages ----
     .openapi(
-      { ...routes.postMessage, middleware: [inRoom, writer, jsonBody] },
+      { ...routes.postMessage, middleware: [inRoom, writer] },
       (c) => {
         const roomId = c.var.room.id;
         const message = toNewMessage(c.req.valid("json"), c.var.caller);
@@ -631,7 +629,7 @@ export function createApp(options: AppOptions) {
       return jsonText(c, messages.json);
     })
     .openapi(
-      { ...routes.claimMessage, middleware: [inRoom, writer, jsonBody] },
+      { ...routes.claimMessage, middleware: [inRoom, writer] },
       async (c) => {
         const input = c.req.valid("json");
         const roomId = c.var.room.id;
@@ -652,7 +650,7 @@ export function createApp(options: AppOptions) {
       },
     )
     .openapi(
-      { ...routes.releaseMessage, middleware: [inRoom, writer, jsonBody] },
+      { ...routes.releaseMessage, middleware: [inRoom, writer] },
       async (c) => {
         const roomId = c.var.room.id;
         const id = c.req.valid("param").mid;
@@ -667,7 +665,7 @@ export function createApp(options: AppOptions) {
       },
     )
     .openapi(
-      { ...routes.completeMessage, middleware: [inRoom, writer, jsonBody] },
+      { ...routes.completeMessage, middleware: [inRoom, writer] },
       (c) => {
         const input = c.req.valid("json");
         const { room, caller } = c.var;
@@ -704,7 +702,7 @@ export function createApp(options: AppOptions) {
     )
     // ---- state ----
     .openapi(
-      { ...routes.putState, middleware: [inRoom, writer, jsonBody] },
+      { ...routes.putState, middleware: [inRoom, writer] },
       async (c) => {
         const { agent, ...input } = c.req.valid("json");
         mayWriteScope(c.var.room, c.var.caller, input.scope);
@@ -771,7 +769,7 @@ export function createApp(options: AppOptions) {
       );
     })
     .openapi(
-      { ...routes.deleteState, middleware: [inRoom, writer, jsonBody] },
+      { ...routes.deleteState, middleware: [inRoom, writer] },
       async (c) => {
         const { agent, ...input } = c.req.valid("json");
         mayWriteScope(c.var.room, c.var.caller, input.scope);
@@ -786,7 +784,7 @@ export function createApp(options: AppOptions) {
     )
     // ---- batch ----
     .openapi(
-      { ...routes.batch, middleware: [inRoom, writer, jsonBody] },
+      { ...routes.batch, middleware: [inRoom, writer] },
       (c) => {
         const input = c.req.valid("json");
         const { room, caller } = c.var;

@@ -3,7 +3,8 @@
  * each with its handler (the inputs are validated from here), `/openapi.json` is made
  * from here, and so is the endpoint table of the docs (docs.ts).
  */
-import { createRoute, type RouteConfig } from "@hono/zod-openapi";
+import type { RouteConfig } from "@hono/zod-openapi";
+import { createRoute } from "./api.ts";
 import { z } from "zod";
 import { type ErrorCode, ERRORS } from "./errors.ts";
 import {

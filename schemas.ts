@@ -3,7 +3,7 @@
  * routes), and what a request that does not match them gets: a 400 with the one error
  * shape, before any handler runs.
  */
-import type { MiddlewareHandler, ValidationTargets } from "hono";
+import type { Context, MiddlewareHandler } from "hono";
 import { z } from "zod";
 import { STATUSES, TASK_STATUSES } from "./db.ts";
 import { ApiError, type ErrorCode, ERRORS } from "./errors.ts";
@@ -554,22 +554,14 @@ function timedOut(ms: number): ApiError {
 export const MAX_JSON_DEPTH = 64;
 
 /**
- * Reads the body of a route that takes JSON, before its schema is checked. Agents
- * forget the content type (curl -d sends a form type), so the body is read as JSON
- * whatever its type, and the request is told it is JSON; an empty body counts as
- * `{}`; nesting deeper than `MAX_JSON_DEPTH` is refused before zod recurses into it.
+ * The JSON body of a route that takes one, read before its schema is checked (api.ts).
+ * Agents forget the content type (curl -d sends a form type), so the body is read as
+ * JSON whatever its type; an empty body counts as `{}`; nesting deeper than
+ * `MAX_JSON_DEPTH` is refused before zod recurses into it.
  */
-export const jsonBody: MiddlewareHandler = async (c, next) => {
-  // Read first (often read already, bodyWithin): a used request cannot be copied
-  // with its body.
+export async function readJson(c: Context): Promise<unknown> {
+  // Often read already (bodyWithin): Hono keeps the text.
   const text = await c.req.text();
-  const type = c.req.header("content-type");
-  if (type === undefined || !/^application\/json\s*(;|$)/i.test(type)) {
-    const headers = new Headers(c.req.raw.headers);
-    headers.set("content-type", "application/json");
-    const { url, method, signal } = c.req.raw;
-    c.req.raw = new Request(url, { method, headers, signal });
-  }
   let value: unknown = {};
   if (text.trim() !== "") {
     try {
@@ -584,34 +576,26 @@ export const jsonBody: MiddlewareHandler = async (c, next) => {
       `Invalid request body: JSON nests deeper than ${MAX_JSON_DEPTH} levels`,
     );
   }
-  // The route's validator asks for the body as JSON: it gets this value, parsed once.
-  c.req.json = <T>() => Promise.resolve(value as T);
-  await next();
-};
+  return value;
+}
 
-const WHERE: Record<keyof ValidationTargets, string> = {
+const WHERE = {
   json: "request body",
-  form: "request body",
   query: "query",
   param: "path",
   header: "header",
-  cookie: "cookie",
 };
 
 /**
- * What every route does with input that does not match its schema: 400
- * `invalid_request` naming the first bad field (`OpenAPIHono`'s `defaultHook`).
+ * One part of a request parsed with its route's schema (api.ts), or 400
+ * `invalid_request` naming the first bad field.
  */
-export function refuseInvalid(
-  result: {
-    target: keyof ValidationTargets;
-    success: boolean;
-    error?: unknown;
-  },
-): void {
-  if (!result.success && result.error instanceof z.ZodError) {
-    throw invalid(result.error, WHERE[result.target]);
-  }
+export function parseInput<T extends z.ZodType>(
+  part: keyof typeof WHERE,
+  schema: T,
+  value: unknown,
+): z.output<T> {
+  return parse(schema, value, WHERE[part]);
 }
 
 /** Parses with a schema or throws 400 `invalid_request` naming the first bad field. */
@@ -668,7 +652,6 @@ function describe(
   };
 }
 
-/** The nesting depth of a JSON value, computed without recursion. */
 /** How deep a JSON value nests (stops counting past `MAX_JSON_DEPTH`). */
 export function depth(value: unknown): number {
   let deepest = 0;

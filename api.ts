@@ -5,18 +5,29 @@
  *
  * - it registers nothing: the OpenAPI document is made from `definitions` when it is
  *   first asked for (openapi.ts), so the generator and its dependencies are not loaded
- *   at start (they were a fifth of the cold start: docs/PERFORMANCE.md);
+ *   at start (18 ms of a 130 ms cold start: docs/PERFORMANCE.md);
  * - one middleware reads and checks all of a request's inputs (the body as JSON, then
  *   query, path, headers, body against their schemas), synchronously once the body is
  *   read, and hands on with `return next()`: a held long-poll keeps no frame of it.
+ *
+ * And a handler may answer later (`later`): a long-poll that must wait lets go of its
+ * request's middleware chain (Hono's Context, a suspended frame per middleware) and
+ * keeps only its wait (docs/PERFORMANCE.md).
  */
 import type {
   createRoute as define,
   OpenAPIHono,
   RouteConfig,
 } from "@hono/zod-openapi";
-import { type Context, type Env, Hono, type MiddlewareHandler } from "hono";
+import {
+  type Context,
+  type Env,
+  Hono,
+  type MiddlewareHandler,
+  type TypedResponse,
+} from "hono";
 import type { z } from "zod";
+import { errorAnswer, originOf } from "./errors.ts";
 import { parseInput, readJson } from "./schemas.ts";
 
 /** A route definition: @hono/zod-openapi's `createRoute`, without loading that library. */
@@ -53,7 +64,58 @@ export function api<E extends Env>(): Api<E> {
     );
     return app;
   };
-  return Object.assign(app, { openapi, definitions }) as unknown as Api<E>;
+  // The answers that come later replace their placeholders here, so every caller of
+  // the app (server.ts, hosts, `app.request`, MCP's in-process calls) gets them.
+  const dispatch = app.fetch;
+  const fetch: typeof app.fetch = async (request, env, context) => {
+    const response = await dispatch(request, env, context);
+    const id = response.headers.get(LATER);
+    const answer = id === null ? undefined : answers.get(id);
+    if (answer === undefined) return response;
+    answers.delete(id!);
+    // The placeholder's headers (CORS, set by the middleware) under the answer's own.
+    response.headers.delete(LATER);
+    const final = await answer;
+    for (const [name, value] of response.headers) {
+      if (!final.headers.has(name)) final.headers.set(name, value);
+    }
+    // Hono answers HEAD with the GET route's headers and no body.
+    return request.method === "HEAD" ? new Response(null, final) : final;
+  };
+  return Object.assign(app, { openapi, definitions, fetch }) as unknown as Api<
+    E
+  >;
+}
+
+/** The header that marks a placeholder (`later`); never sent. */
+const LATER = "x-sync-answer-later";
+const answers = new Map<string, Promise<Response>>();
+let placeholders = 0;
+
+/**
+ * Answers the request with `answer` once it settles (a failure in the error shape, as
+ * `onError` answers it). The handler returns what this returns: a placeholder, which
+ * ends the request's middleware chain as any answer does (the middleware sets its
+ * headers on it), and the app's `fetch` answers in its place, with its headers. So a
+ * long-poll that waits keeps no more than `answer` keeps: it must not hold `c`.
+ */
+export function later<T>(
+  c: Context,
+  answer: Promise<Response>,
+): TypedResponse<T, 200, "json"> {
+  const id = String(++placeholders);
+  const origin = originOf(c.req.url);
+  const where = `${c.req.method} ${c.req.path}`;
+  answers.set(
+    id,
+    answer.catch((error) => errorAnswer(error, origin, where)),
+  );
+  // Typed as the JSON answer the route declares (the placeholder never reaches a client).
+  return c.body(null, 200, { [LATER]: id }) as unknown as TypedResponse<
+    T,
+    200,
+    "json"
+  >;
 }
 
 /** `/rooms/{id}` → `/rooms/:id`. */

@@ -226,8 +226,8 @@ export type RoomEnv = {
  * The room routes' access: `admit` finds the room and who a request with this
  * Authorization header acts as in it, once it may read the room (else 404, 401 or
  * 403); `inRoom` does that for the room in the path and sets `c.var`; `writer`, after
- * it, checks that the caller may write; `readable` checks again during a held request
- * (the room deleted, a token rotated). A token that proves itself is told to `trust`
+ * it, checks that the caller may write; `readable` makes the check that a held
+ * request runs again (the room deleted, a token rotated). A token that proves itself is told to `trust`
  * (the rate limit counts it as itself from then on, not as its address).
  */
 export function roomAccess(
@@ -259,7 +259,12 @@ export function roomAccess(
       // Handed on, not awaited: a held request keeps no frame of this one.
       return next();
     }),
-    readable: async (c: Context) => void await pathRoom(c),
+    /** The check of `c`'s access, to run again later (made now: it holds no `c`). */
+    readable: (c: Context) => {
+      const id = parse(Id, c.req.param("id"), "room id");
+      const authorization = c.req.header("authorization");
+      return async () => void await admit(id, authorization);
+    },
     writer: createMiddleware<RoomEnv>((c, next) => {
       mayWrite(c.var.room, c.var.caller);
       return next();

@@ -1357,6 +1357,55 @@ test("a GET carries Access-Control-Allow-Origin: * and exposes Retry-After", asy
   );
 });
 
+test("a held long-poll's answer carries the CORS headers as any answer does: woken, timed out, refused while waiting, and to HEAD", async ({ app, call }) => {
+  const { room } = await createRoom(call, "r");
+  const cors = (res: Response) => {
+    assert.equal(res.headers.get("access-control-allow-origin"), "*");
+    assert.match(
+      res.headers.get("access-control-expose-headers") ?? "",
+      /Retry-After/i,
+    );
+    // The placeholder's marker (api.ts, `later`) never reaches a client.
+    assert.deepEqual(
+      [...res.headers.keys()].filter((name) => name.includes("later")),
+      [],
+    );
+  };
+  const held = (path: string, method = "GET") =>
+    app.request(path, { method, headers: { origin: "https://example.com" } });
+  const woken = held("/rooms/r/messages?after=0&wait=5");
+  await sleep(50);
+  expect(
+    await call("POST", "/rooms/r/messages", { body: { body: "hi" } }),
+    201,
+  );
+  const answer = await woken;
+  assert.equal(answer.status, 200);
+  assert.equal(answer.headers.get("content-type"), "application/json");
+  cors(answer);
+  assert.equal((await answer.json())[0].body, "hi");
+
+  const timedOut = await held("/rooms/r/state?key=k&wait=0.1");
+  assert.equal(timedOut.status, 404);
+  cors(timedOut);
+  assert.equal((await timedOut.json()).error, "key_not_found");
+
+  const head = await held("/rooms/r/messages?after=1&wait=0.1", "HEAD");
+  assert.equal(head.status, 200);
+  assert.equal(head.headers.get("content-type"), "application/json");
+  cors(head);
+  assert.equal(await head.text(), "");
+
+  const refused = held("/rooms/r/messages?after=1&wait=5");
+  await sleep(50);
+  expect(await call("DELETE", "/rooms/r", { token: room }), 200);
+  const gone = await refused;
+  assert.equal(gone.status, 404);
+  assert.equal(gone.headers.get("content-type"), "application/json");
+  cors(gone);
+  assert.equal((await gone.json()).error, "room_not_found");
+});
+
 // ---- the viewer ----
 
 test("the viewer's CSP runs only the script that carries its nonce, with nosniff and no referrer", async ({ call }) => {

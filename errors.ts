@@ -207,56 +207,81 @@ export function roomNotFound(id: string): ApiError {
 /**
  * Turns anything thrown into the error shape. Constraint failures are 409 (a client
  * raced another); a busy database is 503 with Retry-After; the rest is a bug in the
- * service, logged and answered without details.
+ * service, logged (with `where`, the request's method and path) and answered without
+ * details. Also the headers the answer carries.
  */
-export const onError: ErrorHandler = (error, c) => {
+function explain(
+  error: unknown,
+  where: string,
+): { error: ApiError; headers: Record<string, string> } {
   if (error instanceof ApiError) {
     // The rest of a stalled body is not worth waiting for.
-    if (error.code === "request_timeout") c.header("Connection", "close");
-    return errorResponse(c, error);
+    const close = error.code === "request_timeout";
+    return { error, headers: close ? { Connection: "close" } : {} };
   }
   if (
     error instanceof LibsqlError && error.code.startsWith("SQLITE_CONSTRAINT")
   ) {
-    return errorResponse(
-      c,
-      new ApiError(
+    return {
+      error: new ApiError(
         "conflict",
         "The write conflicts with existing data; read and retry",
       ),
-    );
+      headers: {},
+    };
   }
   if (
     error instanceof LibsqlError && /^SQLITE_(BUSY|LOCKED)/.test(error.code)
   ) {
-    c.header("Retry-After", "1");
-    return errorResponse(
-      c,
-      new ApiError(
+    return {
+      error: new ApiError(
         "database_busy",
         "The database is busy; retry in a moment",
       ),
-    );
+      headers: { "Retry-After": "1" },
+    };
   }
   if (isUnavailable(error)) {
-    c.header("Retry-After", "1");
-    return errorResponse(
-      c,
-      new ApiError(
+    return {
+      error: new ApiError(
         "database_unavailable",
         "The database does not answer; retry in a moment",
       ),
-    );
+      headers: { "Retry-After": "1" },
+    };
   }
-  console.error(`${c.req.method} ${c.req.path}:`, error);
-  return errorResponse(
-    c,
-    new ApiError(
+  console.error(`${where}:`, error);
+  return {
+    error: new ApiError(
       "internal_error",
       "The service failed to answer; this is a bug, not your fault",
     ),
-  );
+    headers: {},
+  };
+}
+
+/** The app's error handler: anything thrown, answered in the error shape. */
+export const onError: ErrorHandler = (thrown, c) => {
+  const { error, headers } = explain(thrown, `${c.req.method} ${c.req.path}`);
+  for (const [name, value] of Object.entries(headers)) c.header(name, value);
+  return errorResponse(c, error);
 };
+
+/**
+ * The same answer as `onError`'s, made without the request's Context: for an answer
+ * that comes after the middleware chain has ended (`later`, api.ts).
+ */
+export function errorAnswer(
+  thrown: unknown,
+  origin: string,
+  where: string,
+): Response {
+  const { error, headers } = explain(thrown, where);
+  return Response.json(errorBody(origin, error), {
+    status: error.status,
+    headers,
+  });
+}
 
 /** 404 for a path the API does not have. */
 export const notFound: NotFoundHandler = (c) =>

@@ -4,7 +4,7 @@
  * `schemas.ts`, errors in `errors.ts`, markup in `view.tsx`, agent docs in `docs.ts`.
  */
 import type { Context, TypedResponse } from "hono";
-import { api } from "./api.ts";
+import { api, later } from "./api.ts";
 import { bodyLimit } from "hono/body-limit";
 import { every } from "hono/combine";
 import { cors } from "hono/cors";
@@ -537,7 +537,7 @@ export function createApp(options: AppOptions) {
         after,
         statuses: c.req.valid("query").status,
         stop: shutdown,
-        verify: () => readable(c),
+        verify: readable(c),
         onEnd: release,
       });
     })
@@ -611,25 +611,24 @@ export function createApp(options: AppOptions) {
         maxBytes: maxResponseBytes,
       };
       await unexpired(c, q.after);
-      const waiting = q.wait ? presenceOf(c.var.caller, q.agent) : undefined;
-      const release = q.wait ? hold(c, c.var.caller, roomId) : undefined;
-      const messages = await whileWaiting(
-        db,
-        roomId,
-        waiting,
-        () =>
-          waitForMessages(
-            db,
-            roomId,
-            filter,
-            q.wait ?? 0,
-            // Only a wait needs the signal: making it costs every plain read.
-            q.wait ? ending(c) : undefined,
-            () => readable(c),
-          ),
-      ).finally(release);
-      // Built by SQLite as JSON text (db.ts, listMessagesJson).
-      return jsonText(c, messages.json);
+      if (!q.wait) {
+        // Built by SQLite as JSON text (db.ts, listMessagesJson).
+        return jsonText(c, (await waitForMessages(db, roomId, filter, 0)).json);
+      }
+      // Held: the answer comes later, and no closure below may hold `c` (api.ts).
+      const [seconds, signal, verify] = [q.wait, ending(c), readable(c)];
+      const waiting = presenceOf(c.var.caller, q.agent);
+      // Counted last: nothing may throw between holding and the release below.
+      const release = hold(c, c.var.caller, roomId);
+      return later(
+        c,
+        whileWaiting(
+          db,
+          roomId,
+          waiting,
+          () => waitForMessages(db, roomId, filter, seconds, signal, verify),
+        ).finally(release).then((page) => jsonAnswer(page.json)),
+      );
     })
     .openapi(
       { ...routes.claimMessage, middleware: [inRoom, writer] },
@@ -732,26 +731,29 @@ export function createApp(options: AppOptions) {
         return c.json(await listState(db, room.id, q.scope), 200);
       }
       const scope = q.scope ?? SHARED;
-      const waiting = wait ? presenceOf(c.var.caller, agent) : undefined;
-      const release = wait ? hold(c, c.var.caller, room.id) : undefined;
-      const entry = await whileWaiting(
-        db,
-        room.id,
-        waiting,
-        () =>
-          waitForState(
-            db,
-            room.id,
-            scope,
-            key,
-            after_version ?? 0,
-            wait ?? 0,
-            wait ? ending(c) : undefined,
-            () => readable(c),
-          ),
-      ).finally(release);
-      if (!entry) throw keyNotFound(room.id, scope, key);
-      return c.json(entry, 200);
+      const after = after_version ?? 0;
+      if (!wait) {
+        const entry = await waitForState(db, room.id, scope, key, after, 0);
+        if (!entry) throw keyNotFound(room.id, scope, key);
+        return c.json(entry, 200);
+      }
+      // Held: the answer comes later, and no closure below may hold `c` (api.ts).
+      const [roomId, signal, verify] = [room.id, ending(c), readable(c)];
+      const waiting = presenceOf(c.var.caller, agent);
+      const release = hold(c, c.var.caller, roomId);
+      return later(
+        c,
+        whileWaiting(
+          db,
+          roomId,
+          waiting,
+          () =>
+            waitForState(db, roomId, scope, key, after, wait, signal, verify),
+        ).finally(release).then((entry) => {
+          if (!entry) throw keyNotFound(roomId, scope, key);
+          return Response.json(entry);
+        }),
+      );
     })
     .openapi({ ...routes.exportRoom, middleware: [inRoom] }, async (c) => {
       // Export and import load with their first use, as the pages do.
@@ -841,6 +843,13 @@ function jsonText<T>(c: Context, json: string): TypedResponse<T, 200, "json"> {
   return c.body(json, 200, {
     "content-type": "application/json",
   }) as unknown as TypedResponse<T, 200, "json">;
+}
+
+/** JSON text as an answer of its own (one that comes `later`). */
+function jsonAnswer(json: string): Response {
+  return new Response(json, {
+    headers: { "content-type": "application/json" },
+  });
 }
 
 /** Markdown docs; they name this request's host, so no cache may keep them for another. */

@@ -227,8 +227,9 @@ export type RoomEnv = {
  * Authorization header acts as in it, once it may read the room (else 404, 401 or
  * 403); `inRoom` does that for the room in the path and sets `c.var`; `writer`, after
  * it, checks that the caller may write; `readable` makes the check that a held
- * request runs again (the room deleted, a token rotated). A token that proves itself is told to `trust`
- * (the rate limit counts it as itself from then on, not as its address).
+ * request runs again (the room deleted, a token rotated). A token that proves itself
+ * is told to `trust` (the rate limit counts it as itself from then on, not as its
+ * address).
  */
 export function roomAccess(
   db: Db,

@@ -38,13 +38,27 @@ export const createRoute =
     })) as unknown as typeof define;
 
 /**
- * The app: typed as `OpenAPIHono` for its `openapi` method; its registry and document
- * methods are not there (openapi.ts makes the document from `definitions`).
+ * The app: typed as `OpenAPIHono` for its `openapi` method (whose third argument, a
+ * hook, it does not take), less the registry and document methods it does not have
+ * (openapi.ts makes the document from `definitions`) and `basePath`, whose app would
+ * not answer `later`. Call it through its own `fetch` (or `request`): mounted in
+ * another Hono app, its long-polls would send their placeholders.
  */
-export type Api<E extends Env> = OpenAPIHono<E> & {
-  /** Every route served and not hidden, in order. */
-  readonly definitions: RouteConfig[];
-};
+export type Api<E extends Env> =
+  & Omit<
+    OpenAPIHono<E>,
+    | "openAPIRegistry"
+    | "getOpenAPIDocument"
+    | "getOpenAPI31Document"
+    | "doc"
+    | "doc31"
+    | "openapiRoutes"
+    | "basePath"
+  >
+  & {
+    /** Every route served and not hidden, in order. */
+    readonly definitions: RouteConfig[];
+  };
 
 /** A new app. */
 export function api<E extends Env>(): Api<E> {
@@ -128,23 +142,40 @@ type Part = "query" | "param" | "header";
 /**
  * The middleware that reads and checks a route's inputs (400 `invalid_request` naming
  * the first bad field, or `invalid_json`), each part read as Hono's validator reads
- * it; a header schema names its headers in lower case.
+ * it. What routes.ts uses, no more: zod schemas for query, path, headers (named in
+ * lower case, as requests' headers are read) and a JSON body; a body of another type
+ * (an import's NDJSON) is only described, and its handler reads it; no cookies.
  */
 function inputs(route: RouteConfig): MiddlewareHandler {
   const request = route.request ?? {};
+  const content = request.body?.content;
+  const where = `${route.method} ${route.path}`;
+  // A route this middleware would check wrongly is refused when it is defined.
+  const zod = (schema: unknown, what: string): z.ZodType => {
+    if (!(schema instanceof Object && "safeParse" in schema)) {
+      throw new Error(`${where}: its ${what} needs a zod schema`);
+    }
+    return schema as z.ZodType;
+  };
+  if (request.cookies) throw new Error(`${where}: cookies are not read`);
   const parts = ([
     ["query", request.query],
     ["param", request.params],
     ["header", request.headers],
-  ] as [Part, unknown][]).filter(([, schema]) => schema !== undefined) as [
-    Part,
-    z.ZodType,
-  ][];
-  const content = request.body?.content["application/json"];
-  const body = content && "schema" in content
-    ? content.schema as z.ZodType
+  ] as const).filter(([, schema]) => schema !== undefined).map((
+    [part, schema],
+  ) => [part, zod(schema, part)] as const);
+  const headers = request.headers && "shape" in request.headers
+    ? Object.keys(request.headers.shape as object)
+    : [];
+  if (headers.some((name) => name !== name.toLowerCase())) {
+    throw new Error(`${where}: name its headers in lower case (${headers})`);
+  }
+  const json = content?.["application/json"];
+  const body = json
+    ? zod("schema" in json ? json.schema : json, "body")
     : undefined;
-  const check = (c: Context, json: unknown) => {
+  const check = (c: Context, value: unknown) => {
     for (const [part, schema] of parts) {
       c.req.addValidatedData(
         part,
@@ -152,7 +183,7 @@ function inputs(route: RouteConfig): MiddlewareHandler {
       );
     }
     if (body) {
-      c.req.addValidatedData("json", parseInput("json", body, json) as object);
+      c.req.addValidatedData("json", parseInput("json", body, value) as object);
     }
   };
   if (!body) {

@@ -532,12 +532,14 @@ export function createApp(options: AppOptions) {
         return c.body(null, 200, { "content-type": "text/event-stream" });
       }
       await unexpired(c, after);
+      const verify = readable(c);
+      // Counted last: nothing may throw between holding and the stream's end.
       const release = hold(c, c.var.caller, c.var.room.id);
       return streamRoom(c, db, c.var.room.id, {
         after,
         statuses: c.req.valid("query").status,
         stop: shutdown,
-        verify: readable(c),
+        verify,
         onEnd: release,
       });
     })

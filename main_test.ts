@@ -6,6 +6,9 @@ import assert from "node:assert/strict";
 import { hc } from "hono/client";
 import type { InArgs, InStatement } from "@libsql/client/web";
 
+import type { RouteConfig } from "@hono/zod-openapi";
+import { z } from "zod";
+import { api, createRoute } from "./api.ts";
 import { Db } from "./driver.ts";
 import { type AppType, createApp } from "./main.ts";
 import {
@@ -1457,3 +1460,42 @@ test(
   },
   { stallMs: 200 },
 );
+
+Deno.test("a route that the input middleware would read wrongly is refused when it is defined", () => {
+  // Never called: only defining the route is tested.
+  const handler = (() => new Response()) as never;
+  const define = (request: RouteConfig["request"]) =>
+    api().openapi(
+      createRoute({ method: "get", path: "/x", request, responses: {} }),
+      handler,
+    );
+  // What the routes use is taken: lower-case headers, zod query and JSON body, and a
+  // body of another type that its handler reads.
+  define({
+    headers: z.object({ "idempotency-key": z.string().optional() }),
+    query: z.object({ n: z.string() }),
+    body: { content: { "application/json": { schema: z.object({}) } } },
+  });
+  define({
+    body: {
+      content: { "application/x-ndjson": { schema: { type: "string" } } },
+    },
+  });
+  assert.throws(
+    () => define({ headers: z.object({ "Idempotency-Key": z.string() }) }),
+    /lower case/,
+  );
+  assert.throws(
+    () =>
+      define({
+        body: {
+          content: { "application/json": { schema: { type: "object" } } },
+        },
+      }),
+    /zod schema/,
+  );
+  assert.throws(
+    () => define({ cookies: z.object({ session: z.string() }) }),
+    /cookies/,
+  );
+});

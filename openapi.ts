@@ -22,6 +22,8 @@ export async function openapi(app: App, origin: string) {
   if (document === undefined) {
     document = generate(app);
     made.set(app, document);
+    // A failure is not kept: the next request tries again.
+    document.catch(() => made.delete(app));
   }
   return { ...await document, servers: [{ url: origin }] };
 }

@@ -264,6 +264,25 @@ export function createApp(options: AppOptions) {
     limiter && ((token) => limiter.trust(token)),
   );
 
+  /**
+   * A long-poll's wait (`wait`, given when to stop and how to check access again),
+   * with `agent` shown as `waiting` and the caller's held requests counted. What it
+   * needs of `c` is taken now and `c` is not kept: the answer comes `later` (api.ts),
+   * and a held long-poll keeps only its wait.
+   */
+  const held = <T>(
+    c: Context<RoomEnv>,
+    agent: string | undefined,
+    wait: (signal: AbortSignal, verify: () => Promise<void>) => Promise<T>,
+  ): Promise<T> => {
+    const [roomId, signal, verify] = [c.var.room.id, ending(c), readable(c)];
+    const waiting = presenceOf(c.var.caller, agent);
+    // Counted last: nothing may throw between holding and the release below.
+    const release = hold(c, c.var.caller, roomId);
+    return whileWaiting(db, roomId, waiting, () => wait(signal, verify))
+      .finally(release);
+  };
+
   /** The usage docs, naming this request's host. */
   const docs = async (c: Context) => {
     const origin = new URL(c.req.url).origin;
@@ -617,19 +636,15 @@ export function createApp(options: AppOptions) {
         // Built by SQLite as JSON text (db.ts, listMessagesJson).
         return jsonText(c, (await waitForMessages(db, roomId, filter, 0)).json);
       }
-      // Held: the answer comes later, and no closure below may hold `c` (api.ts).
-      const [seconds, signal, verify] = [q.wait, ending(c), readable(c)];
-      const waiting = presenceOf(c.var.caller, q.agent);
-      // Counted last: nothing may throw between holding and the release below.
-      const release = hold(c, c.var.caller, roomId);
+      const seconds = q.wait;
       return later(
         c,
-        whileWaiting(
-          db,
-          roomId,
-          waiting,
-          () => waitForMessages(db, roomId, filter, seconds, signal, verify),
-        ).finally(release).then((page) => jsonAnswer(page.json)),
+        held(
+          c,
+          q.agent,
+          (signal, verify) =>
+            waitForMessages(db, roomId, filter, seconds, signal, verify),
+        ).then((page) => jsonAnswer(page.json)),
       );
     })
     .openapi(
@@ -739,19 +754,15 @@ export function createApp(options: AppOptions) {
         if (!entry) throw keyNotFound(room.id, scope, key);
         return c.json(entry, 200);
       }
-      // Held: the answer comes later, and no closure below may hold `c` (api.ts).
-      const [roomId, signal, verify] = [room.id, ending(c), readable(c)];
-      const waiting = presenceOf(c.var.caller, agent);
-      const release = hold(c, c.var.caller, roomId);
+      const roomId = room.id;
       return later(
         c,
-        whileWaiting(
-          db,
-          roomId,
-          waiting,
-          () =>
+        held(
+          c,
+          agent,
+          (signal, verify) =>
             waitForState(db, roomId, scope, key, after, wait, signal, verify),
-        ).finally(release).then((entry) => {
+        ).then((entry) => {
           if (!entry) throw keyNotFound(roomId, scope, key);
           return Response.json(entry);
         }),

@@ -26,6 +26,7 @@ import {
   type MiddlewareHandler,
   type TypedResponse,
 } from "hono";
+import { TrieRouter } from "hono/router/trie-router";
 import type { z } from "zod";
 import { errorAnswer, originOf } from "./errors.ts";
 import { parseInput, readJson } from "./schemas.ts";
@@ -62,7 +63,9 @@ export type Api<E extends Env> =
 
 /** A new app. */
 export function api<E extends Env>(): Api<E> {
-  const app = new Hono<E>();
+  // Hono's default router tries RegExpRouter first, which cannot hold these routes,
+  // and settles on TrieRouter when the first request comes: this one from the start.
+  const app = new Hono<E>({ router: new TrieRouter() });
   const definitions: RouteConfig[] = [];
   const openapi = (
     { middleware, hide, ...route }: RouteConfig,
